@@ -1,0 +1,99 @@
+"""Small helpers shared by the scripts: errors, device and dtype, atomic writes, checkpoints."""
+import contextlib
+import json
+import os
+import sys
+
+import torch
+
+
+def die(msg):
+    """End the run with one readable line on stderr and exit status 1."""
+    raise SystemExit(f"error: {msg}")
+
+
+def get_device(device='auto'):
+    if device != 'auto':
+        if device.startswith('cuda') and not torch.cuda.is_available():
+            die(f"device={device} but CUDA is not available here (use --device=cpu or --device=auto)")
+        return device
+    if torch.cuda.is_available():
+        return 'cuda'
+    if torch.backends.mps.is_available():
+        return 'mps'
+    return 'cpu'
+
+
+def get_dtype(dtype, device_type, cpu_default='float32'):
+    """'auto' is bf16 where the GPU has it, fp16 (with a GradScaler in training) on older GPUs,
+    and cpu_default on the CPU."""
+    if dtype == 'auto':
+        if device_type == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        elif device_type == 'cpu':
+            dtype = cpu_default
+        else:
+            dtype = 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        die(f"dtype={dtype} is not one of auto, float32, bfloat16, float16")
+    if dtype == 'float16' and device_type == 'cpu':
+        die("dtype=float16 is for GPUs; on the CPU use --dtype=bfloat16 or --dtype=float32")
+    return dtype
+
+
+def autocast(device_type, dtype):
+    """Mixed precision context for forward passes; a no-op for float32."""
+    if dtype == 'float32':
+        return contextlib.nullcontext()
+    return torch.amp.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds,
+    so an interrupted write never leaves a truncated file that looks valid."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device='cpu'):
+    """Load a checkpoint written by train.py, safely (weights only), with readable errors."""
+    if not os.path.isfile(path):
+        die(f"no checkpoint at {path} (train one first: python train.py config/cpu.py)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        die(f"cannot read checkpoint {path}: {str(e).splitlines()[0]} (is it a train.py checkpoint?)")
+    if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+        die(f"{path} is not a train.py checkpoint (it has no 'model' and 'model_args')")
+    return ckpt
+
+
+def read_meta(data_dir):
+    """meta.json that prepare.py writes beside train.bin and validation.bin."""
+    path = os.path.join(data_dir, 'meta.json')
+    if not os.path.isfile(path):
+        die(f"no {path}: run prepare.py first (e.g. python prepare.py --source=../shared/data/tinystories/train-sample.txt)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def get_tokenizer():
+    """tiktoken's GPT-2 BPE. Offline, it needs TIKTOKEN_CACHE_DIR pointing at its cached files."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding('gpt2')
+    except Exception as e:
+        die(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files, e.g. "
+            "export TIKTOKEN_CACHE_DIR=$PWD/../shared/tiktoken-cache")
+
+
+def log(*args):
+    """Progress and diagnostics go to stderr, so stdout stays the script's real output."""
+    print(*args, file=sys.stderr, flush=True)
