@@ -1,0 +1,20 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
+TINYSTORIES = os.path.join(SHARED, 'data', 'tinystories')
+TIKTOKEN_CACHE = os.path.join(SHARED, 'tiktoken-cache')
+
+sys.path.insert(0, ROOT)
+# Never wait ~25 s for an unreachable hub; find tiktoken's GPT-2 files offline.
+os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+if os.path.isdir(TIKTOKEN_CACHE):
+    os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
+
+needs_shared = pytest.mark.skipif(not os.path.isdir(TINYSTORIES), reason=f'{TINYSTORIES} is absent')
+needs_tokenizer = pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE) and 'TIKTOKEN_CACHE_DIR' not in os.environ,
+                                     reason='no offline tiktoken cache (../shared/tiktoken-cache)')
