@@ -1,0 +1,289 @@
+"""
+The GPT language model, in the shape of GPT-2 and nanoGPT (same module and parameter names):
+token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and a GELU
+MLP, tied input/output embeddings. Generation uses a KV cache: one pass over the prompt, then
+one token per step.
+"""
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's own cannot drop just the bias)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd={config.n_embd} must be a multiple of n_head={config.n_head}")
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        # SDPA picks a flash/memory-efficient kernel where it can; the manual path is the reference.
+        self.flash = hasattr(F, 'scaled_dot_product_attention')
+        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        self.register_buffer('mask', mask, persistent=False)
+
+    def forward(self, x, kv=None, pos=0):
+        """x holds the tokens at positions pos..pos+T-1; kv, when given, is this layer's
+        (k, v) cache holding positions 0..pos-1, and receives the new keys and values."""
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv is not None:
+            kv[0][:, :, pos:pos + T] = k
+            kv[1][:, :, pos:pos + T] = v
+            k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+        if self.flash:
+            # one new token may see every cached one; a block starting at 0 is plain causal
+            mask = None if T == 1 or pos == 0 else self.mask[pos:pos + T, :pos + T]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(pos == 0 and T > 1),
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(~self.mask[pos:pos + T, :pos + T], float('-inf'))
+            att = self.attn_dropout(F.softmax(att, dim=-1))
+            y = att @ v
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv=None, pos=0):
+        x = x + self.attn(self.ln_1(x), kv, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 128
+    vocab_size: int = 50257  # GPT-2 BPE
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linears and LayerNorms, like GPT-2
+
+
+class KVCache:
+    """Keys and values of every layer for up to block_size positions of a batch of rows."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.layers = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                       for _ in range(config.n_layer)]
+        self.pos = 0  # positions filled so far
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying: the output layer reuses the token embedding (saves vocab*n_embd params)
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled so the residual stream's variance stays put with depth
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position embeddings are left out by default (the token
+        embeddings are counted once, as the tied output layer's weights)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None, cache=None):
+        """Logits for every position and the mean cross-entropy when targets are given (-1 is
+        ignored); otherwise logits for the last position only. With a KVCache, idx continues
+        the cached sequence at position cache.pos."""
+        B, T = idx.size()
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of length {pos + T} is longer than block_size={self.config.block_size}")
+        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache.layers[i] if cache is not None else None, pos)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.pos += T
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return self.lm_head(x[:, [-1], :]), None  # the list index keeps the time dimension
+
+    def crop_block_size(self, block_size):
+        """Shrink the context length of a trained model (e.g. to fine-tune with shorter blocks)."""
+        if block_size > self.config.block_size:
+            raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        for block in self.transformer.h:
+            block.attn.mask = block.attn.mask[:block_size, :block_size]
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        """AdamW with weight decay on 2-D weights only (matmuls and embeddings), not on biases
+        and LayerNorm gains; the fused kernel on CUDA."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+        ]
+        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        cfg = self.config
+        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * cfg.block_size
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the device's peak.
+        fwdbwd_per_iter sequences of block_size tokens took dt seconds."""
+        achieved = self.flops_per_token() * self.config.block_size * fwdbwd_per_iter / dt
+        return achieved / (peak_flops or device_peak_flops(self.lm_head.weight.device))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """Append up to max_new_tokens to each row of idx (B, T); see stream() for the options."""
+        tokens = list(self.stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + tokens, dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+               eos_token=None, use_cache=True, window_shift=1):
+        """Yield the next token of every row, shape (B, 1), one step at a time.
+
+        temperature 0 is greedy; top_k / top_p keep the k likeliest tokens / the smallest set
+        whose probability reaches p; repetition_penalty > 1 makes tokens already in the row less
+        likely (CTRL-style). With eos_token, a row that produced it yields eos_token from then on,
+        and the stream ends when every row has. Past block_size the context slides: without the
+        cache (nanoGPT's way) the model re-reads the last block_size tokens every step; with the
+        cache, once it is full the oldest window_shift tokens are dropped and the rest re-read
+        in one pass. window_shift=1 gives exactly the no-cache result; larger shifts re-read
+        less often, at the cost of a shorter context (at least block_size - window_shift + 1)
+        for the tokens right after a shift.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        block_size = self.config.block_size
+        if not 1 <= window_shift <= block_size:
+            raise ValueError(f"window_shift must be in 1..{block_size}, got {window_shift}")
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -block_size:])
+            elif cache is None or cache.pos == block_size:
+                keep = block_size if cache is None else block_size - window_shift + 1
+                cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                logits, _ = self(idx[:, -keep:], cache=cache)
+            else:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            logits = logits[:, -1, :].float()
+            if repetition_penalty != 1.0:
+                seen = torch.gather(logits, 1, idx)
+                logits.scatter_(1, idx, torch.where(seen > 0, seen / repetition_penalty, seen * repetition_penalty))
+            next_token = sample_logits(logits, temperature, top_k, top_p)
+            if eos_token is not None:
+                next_token = torch.where(done[:, None], eos_token, next_token)
+                done |= next_token[:, 0] == eos_token
+            idx = torch.cat((idx, next_token), dim=1)
+            yield next_token
+            if done.all():
+                break
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """Pick one token per row from logits (B, vocab)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float('inf')
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        # drop a token once the likelier ones already reach top_p; the top token always stays
+        drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p
+        logits[drop.scatter(1, order, drop)] = -float('inf')
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1)
+
+
+def device_peak_flops(device):
+    """Dense bf16 peak FLOP/s of a known GPU; on the CPU a rough 2-core AVX-512 figure
+    (pass peak_flops to estimate_mfu for a measured one)."""
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        for key, peak in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12), ('4090', 165e12)):
+            if key in name:
+                return peak
+        return 312e12
+    return 1e12
