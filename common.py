@@ -74,6 +74,18 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
+def load_model(path, device='cpu'):
+    """The GPT stored in a train.py checkpoint, in eval mode, and the checkpoint itself."""
+    from model import GPT, GPTConfig
+    ckpt = load_checkpoint(path, device)
+    try:
+        model = GPT(GPTConfig(**ckpt['model_args']))
+        model.load_state_dict(ckpt['model'])
+    except (TypeError, RuntimeError) as e:
+        die(f"checkpoint {path} does not fit model.py's GPT: {str(e).splitlines()[0]}")
+    return model.to(device).eval(), ckpt
+
+
 def read_meta(data_dir):
     """meta.json that prepare.py writes beside train.bin and validation.bin."""
     path = os.path.join(data_dir, 'meta.json')
