@@ -13,7 +13,7 @@ import ast
 import difflib
 import sys
 
-CONFIG_TYPES = (int, float, bool, str, type(None), tuple, list)
+_CONFIG_TYPES = (int, float, bool, str, type(None), tuple, list)
 
 
 def _fail(msg):
@@ -39,7 +39,7 @@ def _check(key, value, defaults, source):
 
 def configure(g, argv):
     """Apply config files and --key=value overrides in argv to the globals dict g."""
-    defaults = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)}
+    defaults = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)}
     for arg in argv:
         if not arg.startswith('--'):
             try:
@@ -50,7 +50,7 @@ def configure(g, argv):
             values = {}
             exec(compile(source, arg, 'exec'), {}, values)
             for key, value in values.items():
-                if key.startswith('_') or not isinstance(value, CONFIG_TYPES):
+                if key.startswith('_') or not isinstance(value, _CONFIG_TYPES):
                     continue
                 g[key] = _check(key, value, defaults, arg)
                 print(f"config: {key} = {g[key]!r}  ({arg})", file=sys.stderr)
