@@ -273,8 +273,11 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
         # drop a token once the likelier ones already reach top_p; the top token always stays
         drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p
         logits[drop.scatter(1, order, drop)] = -float('inf')
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1)
+    # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry, which
+    # costs more than a whole cached forward pass of a small model on the CPU
+    cdf = torch.cumsum(F.softmax(logits, dim=-1), dim=-1)
+    u = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
 
 
 def device_peak_flops(device):
