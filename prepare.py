@@ -1,0 +1,221 @@
+"""
+Turn a story dataset into the token files train.py reads: train.bin and validation.bin (one flat
+stream of GPT-2 tokens each, every document followed by <|endoftext|>) and meta.json.
+  $ python prepare.py                          # roneneldan/TinyStories from the Hugging Face hub
+  $ python prepare.py --source=../shared/data/tinystories/train-sample.txt \
+        --val_source=../shared/data/tinystories/valid-sample.txt --data_dir=data/sample
+A source is a hub dataset id, or local files: a file, a directory or a glob of .txt (TinyStories'
+format: documents separated by <|endoftext|> lines; a file without them is one document),
+.jsonl/.json or .parquet (text in text_field). Both kinds load through `datasets`. A re-run with
+the same sources and options finds them in meta.json and does nothing; --force=True redoes it.
+"""
+import glob
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import datasets
+import numpy as np
+from tqdm import tqdm
+
+from common import atomic_output, die, get_tokenizer
+
+# -----------------------------------------------------------------------------
+source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
+val_source = ''  # validation documents; '' = the source's validation split, else val_fraction of train
+val_fraction = 0.05  # share of the train documents held out (seeded) when there is no validation source
+seed = 1337  # seed of that split
+max_docs = 0  # keep only the first max_docs documents of each source (0 = all), for quick demos
+text_field = 'text'  # the field holding the text in hub, .jsonl/.json and .parquet sources
+data_dir = 'data/tinystories'  # where train.bin, validation.bin and meta.json go
+batch_size = 1024  # documents tokenized at a time: bounds memory, hardly matters for speed
+num_threads = 0  # tokenizer threads (0 = one per CPU core)
+force = False  # redo the work even when data_dir already holds it
+# -----------------------------------------------------------------------------
+FORMATS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
+
+
+def token_dtype(vocab_size):
+    """The smallest unsigned numpy dtype (by name) that holds every token id."""
+    return 'uint16' if vocab_size <= 2**16 else 'uint32'
+
+
+def tokenize_batch(enc, texts, dtype='uint16', num_threads=0):
+    """One flat array: each text's tokens, then the end-of-text token. Each thread encodes a
+    contiguous slice (tiktoken releases the GIL); one task per text, as encode_ordinary_batch
+    does, costs more thread-pool overhead than a short story takes to encode."""
+    def encode(part):
+        ids = []
+        for text in part:
+            ids += enc.encode_ordinary(text)
+            ids.append(enc.eot_token)
+        return np.array(ids, dtype=dtype)
+    num_threads = num_threads or os.cpu_count() or 1
+    step = max(1, -(-len(texts) // num_threads))
+    with ThreadPoolExecutor(num_threads) as pool:
+        parts = pool.map(encode, [texts[i:i + step] for i in range(0, len(texts), step)])
+        return np.concatenate([np.zeros(0, dtype), *parts])
+
+
+def local_files(src):
+    """(path, size, mtime) of each file a local source names (a file, a directory or a glob), or
+    None when src is a hub id. Size and mtime tell a changed file from the one already prepared."""
+    path = os.path.expanduser(src)
+    if os.path.isdir(path):
+        files = [f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
+                 if os.path.splitext(f)[1].lower() in FORMATS]
+    elif os.path.isfile(path):
+        files = [path]
+    elif any(c in path for c in '*?['):
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    elif os.path.splitext(path)[1].lower() in FORMATS or path.startswith(('/', '.', '~')):
+        die(f"no such file or directory: {src}")
+    else:
+        return None
+    if not files:
+        die(f"no .txt, .jsonl, .json or .parquet files in {src}")
+    kinds = {os.path.splitext(f)[1].lower() for f in files}
+    if not kinds <= FORMATS.keys() or len({FORMATS.get(k) for k in kinds}) > 1:
+        die(f"{src} holds {', '.join(sorted(kinds))} files: give one kind of .txt, .jsonl/.json or .parquet")
+    return [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in sorted(files)]
+
+
+def read_txt(files, field):
+    """Documents of .txt files in TinyStories' format, for Dataset.from_generator (files holds sizes
+    and mtimes too, so that datasets' cache key changes when a file does)."""
+    for path, _, _ in files:
+        with open(path, encoding='utf-8') as f:
+            lines = []
+            for line in itertools.chain(f, ['<|endoftext|>']):  # the end of a file ends its last document
+                if line.strip() != '<|endoftext|>':
+                    lines.append(line)
+                    continue
+                doc = ''.join(lines).strip()
+                lines = []
+                if doc:
+                    yield {field: doc}
+
+
+def load_source(src, files):
+    """The source's splits, as a dict of Datasets."""
+    if files is None:
+        try:
+            return dict(datasets.load_dataset(src))
+        except Exception as e:
+            die(f"cannot load '{src}' from the Hugging Face hub ({str(e).splitlines()[0]}). Offline, use "
+                "local files, e.g. --source=../shared/data/tinystories/train-sample.txt, or "
+                "HF_DATASETS_OFFLINE=1 with the dataset in the Hugging Face cache")
+    kind = FORMATS[os.path.splitext(files[0][0])[1].lower()]
+    try:
+        if kind == 'text':
+            if next(read_txt(files, text_field), None) is None:
+                die(f"no documents in {src}")
+            return {'train': datasets.Dataset.from_generator(read_txt, gen_kwargs={'files': files, 'field': text_field})}
+        return dict(datasets.load_dataset(kind, data_files=[f for f, _, _ in files]))
+    except Exception as e:
+        while e.__cause__ is not None:  # datasets wraps the error that says what is wrong
+            e = e.__cause__
+        die(f"cannot read {src}: {str(e).splitlines()[0] if str(e) else 'no documents in it'}")
+
+
+def documents(splits, src, *names):
+    """The first of the named splits that src has, reduced to its text and its first max_docs documents."""
+    ds = next((splits[name] for name in names if name in splits), None)
+    if ds is None:
+        die(f"{src} has no {' or '.join(names)} split (it has {', '.join(splits)})")
+    if text_field not in ds.column_names:
+        die(f"{src} has no field '{text_field}' (it has {', '.join(ds.column_names)}): choose one with --text_field=NAME")
+    if max_docs:
+        ds = ds.select(range(min(max_docs, len(ds))))
+    if len(ds) == 0:
+        die(f"no documents in {src}")
+    return ds.select_columns([text_field])
+
+
+def write_tokens(ds, path, enc, dtype):
+    """Tokenize ds a batch at a time, appending to a temporary file that becomes path only when
+    complete; memory holds one batch, never the whole stream. Returns its token and document counts."""
+    tokens = docs = 0
+    name = os.path.basename(path)
+    with atomic_output(path) as tmp, open(tmp, 'wb') as f, tqdm(total=len(ds), desc=f'tokenizing {name}', unit='doc', file=sys.stderr) as bar:
+        for batch in ds.iter(batch_size):
+            texts = [t for t in batch[text_field] if t]  # an empty document would be a lone end-of-text token
+            ids = tokenize_batch(enc, texts, dtype, num_threads)
+            ids.tofile(f)
+            tokens, docs = tokens + len(ids), docs + len(texts)
+            bar.update(len(batch[text_field]))
+            bar.set_postfix(tokens=f'{tokens:,}', refresh=False)
+        if docs == 0:
+            die(f"every document for {name} is empty (is --text_field={text_field} the right field?)")
+    return {'tokens': tokens, 'documents': docs}
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    if not 0 < val_fraction < 1 or max_docs < 0:
+        die(f"need 0 < val_fraction < 1 and max_docs >= 0, got val_fraction={val_fraction} max_docs={max_docs}")
+    files = local_files(source), (local_files(val_source) if val_source else None)
+    enc = get_tokenizer()
+    dtype = token_dtype(enc.n_vocab)
+    options = {k: config[k] for k in ('source', 'val_source', 'val_fraction', 'seed', 'max_docs', 'text_field')}
+    options['tokenizer'] = enc.name
+    options['files'] = hashlib.sha1(json.dumps(files).encode()).hexdigest()  # so an edited file is prepared again
+
+    # skip the work when data_dir already holds exactly these tokens
+    meta_path = os.path.join(data_dir, 'meta.json')
+    bins = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'validation')}
+    if not force and os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+            done = old['options'] == options and all(
+                os.path.getsize(p) == old[s]['tokens'] * np.dtype(old['dtype']).itemsize for s, p in bins.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            done = False
+        if done:
+            print(f"{data_dir} already holds these sources prepared with these options (see its meta.json): "
+                  "nothing to do; --force=True redoes it")
+            sys.exit(0)
+
+    # gather the documents
+    t0 = time.time()
+    splits = load_source(source, files[0])
+    train = documents(splits, source, 'train')
+    if val_source:
+        val, val_from = documents(load_source(val_source, files[1]), val_source, 'validation', 'train'), val_source
+    elif 'validation' in splits:
+        val, val_from = documents(splits, source, 'validation'), f"{source} (validation split)"
+    else:
+        n_val = max(1, round(len(train) * val_fraction))
+        if n_val >= len(train):
+            die(f"{source} has {len(train)} documents, too few to hold out a validation set: give --val_source")
+        is_val = np.zeros(len(train), dtype=bool)
+        is_val[np.random.default_rng(seed).permutation(len(train))[:n_val]] = True
+        train, val = train.select(np.flatnonzero(~is_val)), train.select(np.flatnonzero(is_val))
+        val_from = f"{n_val} documents of {source} held out (val_fraction={val_fraction}, seed={seed})"
+
+    # tokenize into temporary files renamed into place when complete, then write meta.json
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=data_dir).close()  # fail now, not after an hour of tokenizing
+        if os.path.exists(meta_path):
+            os.remove(meta_path)  # it would describe .bin files that are about to change
+        t1 = time.time()
+        stats = {split: write_tokens(ds, bins[split], enc, dtype) for split, ds in (('train', train), ('validation', val))}
+    except OSError as e:
+        die(f"cannot write to data_dir {data_dir}: {e.strerror or e}")
+    t2 = time.time()
+    stats['train']['from'], stats['validation']['from'] = source, val_from
+    meta = {'tokenizer': enc.name, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': dtype,
+            **stats, 'source': source, 'options': options}
+    with atomic_output(meta_path) as tmp, open(tmp, 'w') as f:
+        json.dump(meta, f, indent=2)
+    tokens, docs = (stats['train'][k] + stats['validation'][k] for k in ('tokens', 'documents'))
+    print(f"prepared {data_dir}: {tokens:,} tokens in {docs:,} documents (train {stats['train']['tokens']:,} tokens, "
+          f"validation {stats['validation']['tokens']:,}), {time.time() - t0:.1f}s in all, tokenizing and writing "
+          f"{t2 - t1:.1f}s at {tokens / (t2 - t1):,.0f} tokens/s")

@@ -1,0 +1,254 @@
+import json
+import os
+import re
+import runpy
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+from conftest import ROOT, TINYSTORIES, needs_shared, needs_tokenizer
+import prepare
+
+PREPARE = os.path.join(ROOT, 'prepare.py')
+STORIES = [f"Story {i}: once upon a time a {animal} found {i} shiny stones. The end."
+           for i, animal in enumerate(['cat', 'dog', 'fox', 'owl', 'bee', 'ant', 'cow', 'pig'] * 5)]
+
+
+@pytest.fixture(autouse=True)
+def hf_cache(tmp_path, monkeypatch):
+    """Keep the Arrow files that datasets writes for local sources out of ~/.cache."""
+    monkeypatch.setattr(datasets.config, 'HF_DATASETS_CACHE', str(tmp_path / 'hf-cache'))
+
+
+def run_prepare(monkeypatch, *args):
+    """`python prepare.py ARGS`, in this process (a subprocess would spend seconds importing)."""
+    monkeypatch.setattr(sys, 'argv', [PREPARE, *args])
+    try:
+        runpy.run_path(PREPARE, run_name='__main__')
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+
+
+def read(data_dir):
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        meta = json.load(f)
+    tokens = {split: np.fromfile(os.path.join(data_dir, f'{split}.bin'), dtype=meta['dtype'])
+              for split in ('train', 'validation')}
+    return meta, tokens
+
+
+def decode_docs(tokens):
+    """The documents of a token stream: text between end-of-text tokens."""
+    enc = tiktoken.get_encoding('gpt2')
+    assert tokens[-1] == enc.eot_token
+    return enc.decode(tokens.tolist()).split('<|endoftext|>')[:-1]
+
+
+def write_txt(path, docs):
+    path.write_text(''.join(f"{d}\n<|endoftext|>\n" for d in docs))
+    return str(path)
+
+
+def txt_docs(path):
+    """Documents of a TinyStories .txt file, split independently of prepare.py."""
+    with open(path) as f:
+        parts = re.split(r'^<\|endoftext\|>$', f.read(), flags=re.M)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def test_token_dtype():
+    assert prepare.token_dtype(50257) == 'uint16'
+    assert prepare.token_dtype(65536) == 'uint16'
+    assert prepare.token_dtype(100277) == 'uint32'
+
+
+@needs_tokenizer
+def test_tokenize_batch_matches_tiktoken():
+    enc = tiktoken.get_encoding('gpt2')
+    expected = [t for s in STORIES[:7] for t in enc.encode_ordinary(s) + [enc.eot_token]]
+    for threads in (1, 3, 16):
+        ids = prepare.tokenize_batch(enc, STORIES[:7], num_threads=threads)
+        assert ids.dtype == np.uint16 and ids.tolist() == expected
+    assert prepare.tokenize_batch(enc, [], 'uint32').dtype == np.uint32
+
+
+@needs_shared
+@needs_tokenizer
+def test_round_trip_and_counts_on_samples(tmp_path, monkeypatch, capsys):
+    train, valid = os.path.join(TINYSTORIES, 'train-sample.txt'), os.path.join(TINYSTORIES, 'valid-sample.txt')
+    run_prepare(monkeypatch, f'--source={train}', f'--val_source={valid}', f'--data_dir={tmp_path / "d"}')
+    assert capsys.readouterr().out.startswith(f"prepared {tmp_path / 'd'}: ")
+    meta, tokens = read(tmp_path / 'd')
+    assert (meta['vocab_size'], meta['eot_token'], meta['dtype']) == (50257, 50256, 'uint16')
+    for split, path in (('train', train), ('validation', valid)):
+        docs = txt_docs(path)
+        assert decode_docs(tokens[split]) == docs
+        assert meta[split] == {'tokens': len(tokens[split]), 'documents': len(docs), 'from': path}
+        assert (tokens[split] == 50256).sum() == len(docs)
+    assert meta['train']['documents'] == 1096
+
+
+@needs_tokenizer
+def test_split_is_seeded_and_keeps_every_document(tmp_path, monkeypatch):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    def split(seed, name):
+        run_prepare(monkeypatch, f'--source={src}', '--val_fraction=0.1', f'--seed={seed}', f'--data_dir={tmp_path / name}')
+        meta, tokens = read(tmp_path / name)
+        train, val = decode_docs(tokens['train']), decode_docs(tokens['validation'])
+        assert len(val) == 4 == meta['validation']['documents'] and meta['train']['documents'] == 36
+        assert sorted(train + val) == sorted(STORIES)
+        assert train == [s for s in STORIES if s not in val]  # the original order is kept
+        return val
+    assert split(1, 'a') == split(1, 'b')
+    assert split(1, 'a') != split(2, 'c')
+
+
+@needs_tokenizer
+def test_max_docs(tmp_path, monkeypatch):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', f'--val_source={src}', '--max_docs=3', f'--data_dir={tmp_path / "d"}')
+    meta, tokens = read(tmp_path / 'd')
+    assert decode_docs(tokens['train']) == decode_docs(tokens['validation']) == STORIES[:3]
+    assert meta['options']['max_docs'] == 3
+
+
+@needs_tokenizer
+@pytest.mark.parametrize('kind', ['jsonl', 'json', 'parquet'])
+def test_json_and_parquet_sources_with_a_text_field(tmp_path, monkeypatch, kind):
+    path = tmp_path / f'stories.{kind}'
+    if kind == 'jsonl':
+        path.write_text(''.join(json.dumps({'story': s, 'id': i}) + '\n' for i, s in enumerate(STORIES)))
+    elif kind == 'json':
+        path.write_text(json.dumps([{'story': s} for s in STORIES]))
+    else:
+        pq.write_table(pa.table({'story': STORIES}), path)
+    run_prepare(monkeypatch, f'--source={path}', '--text_field=story', f'--data_dir={tmp_path / "d"}')
+    meta, tokens = read(tmp_path / 'd')
+    assert sorted(decode_docs(tokens['train']) + decode_docs(tokens['validation'])) == sorted(STORIES)
+    assert meta['train']['documents'] + meta['validation']['documents'] == len(STORIES)
+
+
+@needs_tokenizer
+def test_directory_and_glob_of_txt_without_separators(tmp_path, monkeypatch):
+    """A .txt without <|endoftext|> lines is one document, however many lines it has."""
+    (tmp_path / 'stories' / 'more').mkdir(parents=True)
+    for i, story in enumerate(STORIES[:4]):
+        (tmp_path / 'stories' / f'{i}.txt').write_text(f"{story}\n\nSecond paragraph {i}.\n")
+    write_txt(tmp_path / 'stories' / 'more' / 'sep.txt', STORIES[4:7])
+    (tmp_path / 'stories' / 'notes.md').write_text('not a source')
+    expected = [f"{s}\n\nSecond paragraph {i}." for i, s in enumerate(STORIES[:4])] + STORIES[4:7]
+    run_prepare(monkeypatch, f'--source={tmp_path / "stories"}', f'--val_source={tmp_path / "stories" / "0.txt"}',
+                f'--data_dir={tmp_path / "d"}')
+    meta, tokens = read(tmp_path / 'd')
+    assert decode_docs(tokens['train']) == expected and decode_docs(tokens['validation']) == expected[:1]
+    run_prepare(monkeypatch, f'--source={tmp_path / "stories" / "[12].txt"}', f'--val_source={tmp_path / "stories" / "**" / "sep.txt"}',
+                f'--data_dir={tmp_path / "g"}')
+    meta, tokens = read(tmp_path / 'g')
+    assert decode_docs(tokens['train']) == expected[1:3] and decode_docs(tokens['validation']) == STORIES[4:7]
+
+
+@needs_tokenizer
+def test_rerun_skips_unless_forced_or_changed(tmp_path, monkeypatch, capsys):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    args = [f'--source={src}', f'--data_dir={tmp_path / "d"}']
+    bin_path = tmp_path / 'd' / 'train.bin'
+    def prepared(*extra):
+        """Whether a run did the work (and wrote a new train.bin) rather than skip it."""
+        before = bin_path.stat().st_mtime_ns if bin_path.exists() else None
+        time.sleep(0.01)
+        run_prepare(monkeypatch, *args, *extra)
+        [line] = capsys.readouterr().out.splitlines()
+        did = line.startswith('prepared')
+        assert did != ('nothing to do' in line) and did == (bin_path.stat().st_mtime_ns != before)
+        return did
+    assert prepared()
+    assert not prepared()
+    assert prepared('--force=True')
+    assert prepared('--max_docs=10')
+    assert not prepared('--max_docs=10', '--batch_size=4', '--num_threads=1')  # no effect on the tokens
+    write_txt(tmp_path / 'stories.txt', STORIES[:20])
+    assert prepared('--max_docs=10')
+    os.remove(tmp_path / 'd' / 'validation.bin')
+    assert prepared('--max_docs=10')
+
+
+@needs_tokenizer
+def test_interrupted_run_leaves_no_bin_and_no_meta(tmp_path, monkeypatch):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
+    encode, calls = tiktoken.Encoding.encode_ordinary, []
+    def interrupted(self, text):
+        calls.append(text)
+        if len(calls) > 20:  # after the first batches reached the temporary file
+            raise KeyboardInterrupt
+        return encode(self, text)
+    monkeypatch.setattr(tiktoken.Encoding, 'encode_ordinary', interrupted)
+    for data_dir in ('d', 'fresh'):  # over a finished run, and into a new directory
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            run_prepare(monkeypatch, f'--source={src}', '--batch_size=4', '--num_threads=1', '--force=True',
+                        f'--data_dir={tmp_path / data_dir}')
+        left = sorted(os.listdir(tmp_path / data_dir))
+        assert 'meta.json' not in left and not any('.tmp' in f for f in left)
+    assert left == []
+
+
+def error(monkeypatch, *args):
+    with pytest.raises(SystemExit) as e:
+        run_prepare(monkeypatch, *args)
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value)
+    return str(e.value)
+
+
+@needs_tokenizer
+def test_bad_inputs_give_one_error_line_and_no_files(tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    (tmp_path / 'empty.txt').write_text('')
+    (tmp_path / 'separators.txt').write_text('<|endoftext|>\n\n<|endoftext|>\n')
+    (tmp_path / 'empty.jsonl').write_text('')
+    (tmp_path / 'blank.jsonl').write_text('{"text": ""}\n{"text": null}\n')
+    (tmp_path / 'stories.jsonl').write_text(''.join(json.dumps({'story': s}) + '\n' for s in STORIES))
+    (tmp_path / 'stories.csv').write_text('text\nhello\n')
+    (tmp_path / 'a_file').write_text('')
+    good = write_txt(tmp_path / 'stories.txt', STORIES)
+    cases = {
+        'no such file or directory': [f'--source={tmp_path / "missing.txt"}'],
+        'no .txt, .jsonl, .json or .parquet files': [f'--source={tmp_path / "*.nothing"}'],
+        'holds .csv files': [f'--source={tmp_path / "stories.csv"}'],
+        f'no documents in {tmp_path / "empty.txt"}': [f'--source={tmp_path / "empty.txt"}'],
+        'no documents in': [f'--source={tmp_path / "separators.txt"}'],
+        'cannot read': [f'--source={tmp_path / "empty.jsonl"}'],
+        'is empty': [f'--source={tmp_path / "blank.jsonl"}', f'--val_source={good}'],
+        "has no field 'text' (it has story)": [f'--source={tmp_path / "stories.jsonl"}'],
+        'too few to hold out': [f'--source={good}', '--max_docs=1'],
+        'val_fraction': [f'--source={good}', '--val_fraction=1.5'],
+        'cannot write to data_dir': [f'--source={good}', f'--data_dir={tmp_path / "a_file" / "sub"}'],
+    }
+    for expected, args in cases.items():
+        assert expected in error(monkeypatch, f'--data_dir={out}', *args)
+        assert not out.exists() or os.listdir(out) == []
+
+
+@needs_tokenizer
+def test_default_hub_source_offline_fails_fast_with_a_hint(tmp_path, monkeypatch):
+    start = time.time()
+    msg = error(monkeypatch, f'--data_dir={tmp_path / "d"}')
+    assert time.time() - start < 10
+    assert "Hugging Face hub" in msg and '--source=../shared/data/tinystories/train-sample.txt' in msg
+    assert not (tmp_path / 'd').exists()
+
+
+def test_command_line_error_exit_status(tmp_path):
+    r = subprocess.run([sys.executable, 'prepare.py', f'--source={tmp_path / "missing.txt"}', f'--data_dir={tmp_path / "d"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stdout == ''
+    assert r.stderr.strip().splitlines()[-1] == f"error: no such file or directory: {tmp_path / 'missing.txt'}"
+    assert not (tmp_path / 'd').exists()
