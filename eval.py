@@ -1,0 +1,92 @@
+"""
+Score a checkpoint on a split of the prepared data: mean cross-entropy (nats per token),
+perplexity and bits per byte. The whole split is read in consecutive, non-overlapping windows
+of block_size tokens, each predicting its tokens from its own context, so every token but the
+first is scored exactly once and every run gives the same numbers.
+  $ python eval.py --out_dir=out-nano
+  $ python eval.py --ckpt=last --split=train --max_tokens=1000000 --json_out=eval.json
+"""
+import json
+import math
+import os
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import atomic_output, autocast, die, get_device, get_dtype, get_tokenizer, load_model, read_meta
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
+ckpt = 'best'  # best or last (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint
+data_dir = ''  # prepared data (prepare.py); empty: the data_dir the checkpoint was trained on
+split = 'validation'  # which split to score: validation or train
+max_tokens = 0  # score only the first max_tokens tokens of the split (0: all of it)
+batch_size = 8  # windows per forward pass; each holds block_size x vocab_size float32 logits
+json_out = ''  # also write the results as JSON to this path
+device = 'auto'  # auto, cpu, cuda, cuda:1, mps
+dtype = 'auto'  # float32 on the CPU, bfloat16 autocast on GPUs that have it
+# -----------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+if batch_size < 1:
+    die(f"batch_size must be at least 1, got {batch_size}")
+if max_tokens < 0:
+    die(f"max_tokens must be >= 0 (0 scores the whole split), got {max_tokens}")
+device = get_device(device)
+device_type = device.split(':')[0]
+dtype = get_dtype(dtype, device_type)
+enc = get_tokenizer()
+
+path = os.path.join(out_dir, f'{ckpt}.pt') if ckpt in ('best', 'last') else ckpt
+model, checkpoint = load_model(path, device)
+block_size = model.config.block_size
+data_dir = data_dir or (checkpoint.get('config') or {}).get('data_dir')
+if not data_dir:
+    die(f"{path} does not say which data it was trained on: give --data_dir")
+meta = read_meta(data_dir)
+if meta['vocab_size'] > model.config.vocab_size:
+    die(f"{data_dir} has vocab_size={meta['vocab_size']}, more than the model's {model.config.vocab_size}")
+bin_path = os.path.join(data_dir, f'{split}.bin')
+if not os.path.isfile(bin_path):
+    die(f"no {bin_path} (the splits prepare.py writes are train and validation)")
+n = os.path.getsize(bin_path) // np.dtype(meta['dtype']).itemsize - 1  # every token but the first is predicted
+if n < 1:
+    die(f"{bin_path} holds {n + 1} tokens: too few to score")
+data = np.memmap(bin_path, dtype=meta['dtype'], mode='r')
+if max_tokens:
+    n = min(n, max_tokens)
+
+# bytes of the scored text: each token's UTF-8 bytes, which add up to the decoded text's length.
+# <|endoftext|> counts 0 bytes: it marks where a story ends, it is not text (its nats do count,
+# since predicting the end of a story is part of modelling it)
+token_bytes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)
+token_bytes[enc.eot_token] = 0
+
+starts = range(0, n, block_size)  # window i reads tokens i.. and predicts i+1.., the last one shorter
+total_nats, total_bytes = 0.0, 0
+for b in tqdm(range(0, len(starts), batch_size), desc=f'{split}', unit='batch'):
+    windows = starts[b:b + batch_size]
+    x = np.zeros((len(windows), block_size), dtype=np.int64)
+    y = np.full((len(windows), block_size), -1, dtype=np.int64)  # -1: past the end, ignored by the loss
+    for row, i in enumerate(windows):
+        length = min(block_size, n - i)
+        x[row, :length] = data[i:i + length]
+        y[row, :length] = data[i + 1:i + 1 + length]
+    count = int((y >= 0).sum())
+    total_bytes += int(token_bytes[y[y >= 0]].sum())
+    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    with torch.no_grad(), autocast(device_type, dtype):
+        _, loss = model(x, y)
+    total_nats += loss.item() * count  # the loss is the mean over the counted targets
+
+loss = total_nats / n
+results = dict(checkpoint=path, iter_num=checkpoint.get('iter_num'), data_dir=data_dir, split=split,
+               tokens=n, bytes=total_bytes, windows=len(starts), block_size=block_size,
+               loss=loss, perplexity=math.exp(loss), bits_per_byte=total_nats / math.log(2) / total_bytes)
+print(f"{path} (iter {results['iter_num']}) on {bin_path}: {n:,} tokens ({total_bytes:,} bytes) "
+      f"in {len(starts)} windows of {block_size}")
+print(f"loss {loss:.4f} nats/token, perplexity {results['perplexity']:.3f}, {results['bits_per_byte']:.4f} bits/byte")
+if json_out:
+    with atomic_output(json_out) as tmp:
+        with open(tmp, 'w') as f:
+            json.dump(results, f, indent=2)

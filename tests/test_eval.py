@@ -1,0 +1,139 @@
+import io
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, needs_tokenizer
+from model import GPT, GPTConfig
+
+pytestmark = needs_tokenizer
+EOT = 50256
+BLOCK = 32
+MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=BLOCK, vocab_size=50257)
+STORIES = ['Once upon a time, there was a little cat named Tom. Tom liked milk and naps in the sun.',
+           'Lily saw a big red ball. "Can I play?" she asked. Her mom said yes, and Lily smiled.',
+           'The café had a dog 🐶 who loved cake. Every day, the dog waited by the door for a treat.']
+
+
+@pytest.fixture(scope='module')
+def enc():
+    from common import get_tokenizer
+    return get_tokenizer()
+
+
+def write_split(data_dir, name, tokens):
+    os.makedirs(data_dir, exist_ok=True)
+    np.array(tokens, dtype=np.uint16).tofile(os.path.join(data_dir, f'{name}.bin'))
+    meta = {'dtype': 'uint16', 'vocab_size': 50257, 'eot_token': EOT, name: {'tokens': len(tokens), 'documents': 0}}
+    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory, enc):
+    """A tiny model trained on nothing, its checkpoint pointing at a validation split of
+    4 full windows and a partial one (138 tokens: 137 to predict = 4 * 32 + 9)."""
+    root = tmp_path_factory.mktemp('eval')
+    tokens = []
+    while len(tokens) < 138:
+        for story in STORIES:
+            tokens += enc.encode(story) + [EOT]
+    tokens = tokens[:138]
+    write_split(root / 'data', 'validation', tokens)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL_ARGS)).eval()
+    torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS, 'iter_num': 7,
+                'config': {'data_dir': str(root / 'data')}}, root / 'best.pt')
+    return root, model, tokens
+
+
+def evaluate(out_dir, *args):
+    """Run eval.py in this process, as `python eval.py --out_dir=... args` would; returns stdout."""
+    argv, sys.argv = sys.argv, ['eval.py', f'--out_dir={out_dir}', *args]
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(io.StringIO()):
+            runpy.run_path(os.path.join(ROOT, 'eval.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+    return out.getvalue()
+
+
+def by_hand(model, tokens, enc):
+    """Sum of the cross-entropy of each window of BLOCK tokens predicting the next ones, the
+    last window shorter; bytes of the predicted text, <|endoftext|> counting none."""
+    nats = 0.0
+    with torch.no_grad():
+        for i in range(0, len(tokens) - 1, BLOCK):
+            y = torch.tensor(tokens[i + 1:i + 1 + BLOCK])
+            x = torch.tensor(tokens[i:i + len(y)])
+            logits, _ = model(x[None], y[None])
+            nats += F.cross_entropy(logits[0], y, reduction='sum').item()
+    n = len(tokens) - 1
+    n_bytes = len(enc.decode_bytes([t for t in tokens[1:] if t != EOT]))
+    return dict(tokens=n, bytes=n_bytes, windows=math.ceil(n / BLOCK), loss=nats / n,
+                perplexity=math.exp(nats / n), bits_per_byte=nats / math.log(2) / n_bytes)
+
+
+def check(results, expected):
+    for key in ('tokens', 'bytes', 'windows'):
+        assert results[key] == expected[key], key
+    for key in ('loss', 'perplexity', 'bits_per_byte'):
+        assert results[key] == pytest.approx(expected[key], rel=1e-5), key
+
+
+@pytest.mark.parametrize('batch_size', [1, 3, 8])  # the partial window alone, in a batch, all in one batch
+def test_numbers_match_a_direct_computation(setup, enc, tmp_path, batch_size):
+    root, model, tokens = setup
+    out = evaluate(root, f'--batch_size={batch_size}', f'--json_out={tmp_path / "eval.json"}')
+    results = json.loads((tmp_path / 'eval.json').read_text())
+    check(results, by_hand(model, tokens, enc))
+    assert results['split'] == 'validation' and results['iter_num'] == 7 and results['block_size'] == BLOCK
+    assert f"loss {results['loss']:.4f} nats/token" in out and '137 tokens' in out and '5 windows of 32' in out
+
+
+def test_max_tokens_scores_the_start_of_the_split(setup, enc, tmp_path):
+    root, model, tokens = setup
+    evaluate(root, '--max_tokens=40', f'--json_out={tmp_path / "eval.json"}')
+    check(json.loads((tmp_path / 'eval.json').read_text()), by_hand(model, tokens[:41], enc))
+
+
+def test_data_dir_and_split_override_the_checkpoint(setup, enc, tmp_path):
+    root, model, tokens = setup
+    other = [EOT] + enc.encode(STORIES[2]) + [EOT]
+    write_split(tmp_path / 'other', 'train', other)
+    evaluate(root, f'--data_dir={tmp_path / "other"}', '--split=train', f'--json_out={tmp_path / "eval.json"}')
+    check(json.loads((tmp_path / 'eval.json').read_text()), by_hand(model, other, enc))
+
+
+def test_command_line_writes_json(setup, tmp_path):
+    root, _, _ = setup
+    run = subprocess.run([sys.executable, 'eval.py', f'--out_dir={root}', f'--json_out={tmp_path / "e.json"}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    results = json.loads((tmp_path / 'e.json').read_text())
+    assert run.stdout.splitlines()[-1].startswith(f"loss {results['loss']:.4f} nats/token, perplexity ")
+    assert 'validation: 100%' in run.stderr  # the progress bar
+    assert os.listdir(tmp_path) == ['e.json']  # no temporary file left behind
+
+
+def test_errors(setup, tmp_path):
+    root, model, _ = setup
+    with pytest.raises(SystemExit, match='^error: no .*nope.bin'):
+        evaluate(root, '--split=nope')
+    with pytest.raises(SystemExit, match='^error: no checkpoint at'):
+        evaluate(tmp_path)
+    torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS}, tmp_path / 'last.pt')
+    with pytest.raises(SystemExit, match='^error: .*last.pt does not say which data .*--data_dir'):
+        evaluate(tmp_path, '--ckpt=last')
+    with pytest.raises(SystemExit, match='^error: batch_size must be at least 1'):
+        evaluate(root, '--batch_size=0')

@@ -1,0 +1,186 @@
+import io
+import os
+import runpy
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+
+import pytest
+import torch
+
+from conftest import ROOT, needs_tokenizer
+from model import GPT, GPTConfig
+
+pytestmark = needs_tokenizer
+EOT = 50256
+MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)
+
+
+def save_checkpoint(model, path):
+    torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS, 'config': {'data_dir': 'nowhere'}}, path)
+
+
+@pytest.fixture(scope='module')
+def enc():
+    from common import get_tokenizer
+    return get_tokenizer()
+
+
+@pytest.fixture(scope='module')
+def random_dir(tmp_path_factory):
+    """A tiny untrained model: its text is noise, but noise that depends on the seed."""
+    out = tmp_path_factory.mktemp('random')
+    torch.manual_seed(0)
+    save_checkpoint(GPT(GPTConfig(**MODEL_ARGS)), out / 'best.pt')
+    return out
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory, enc):
+    """A model that writes ' one two three', then <|endoftext|>, then ' one two three' again, at any
+    seed: a large position embedding points each position at its next token's row of the (tied)
+    embedding. The prompt is <|endoftext|> + 'Once', so the story starts at position 2."""
+    out = tmp_path_factory.mktemp('chain')
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**MODEL_ARGS))
+    words = [enc.encode(w)[0] for w in (' one', ' two', ' three')] + [EOT]
+    with torch.no_grad():
+        wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        for i, token in enumerate(words):
+            wte[token] = 0
+            wte[token, i] = 10
+        for pos in range(1, 32):
+            wpe[pos] = 0
+            wpe[pos, (pos - 1) % len(words)] = 100  # position pos predicts the token at pos + 1
+    save_checkpoint(model, out / 'best.pt')
+    return out
+
+
+def sample(out_dir, *args):
+    """Run sample.py in this process, as `python sample.py --out_dir=... args` would but without
+    starting Python and torch again; returns (stdout, stderr). An error is the SystemExit('error: ...')
+    that exits with status 1."""
+    argv, sys.argv = sys.argv, ['sample.py', f'--out_dir={out_dir}', *args]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+    finally:
+        sys.argv = argv
+    return out.getvalue(), err.getvalue()
+
+
+def story(out_dir, *args):
+    return sample(out_dir, *args)[0]
+
+
+def test_command_line(chain, tmp_path):
+    run = subprocess.run([sys.executable, 'sample.py', f'--out_dir={chain}', '--start=Once'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == 'Once one two three\n'
+    assert run.stderr.splitlines()[-1].startswith('3 tokens in') and 'tokens/s' in run.stderr
+    run = subprocess.run([sys.executable, 'sample.py', f'--out_dir={tmp_path}', '--temperature=-1'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stdout == ''
+    assert run.stderr.splitlines()[-1] == 'error: temperature must be >= 0 (0 is greedy), got -1.0'
+
+
+def test_same_seed_same_stories_other_seed_other_stories(random_dir):
+    args = ['--start=Once upon a time', '--num_samples=2', '--max_new_tokens=12']
+    a, b = story(random_dir, *args, '--seed=1'), story(random_dir, *args, '--seed=1')
+    assert a == b and a != story(random_dir, *args, '--seed=2')
+    stories = a.split('\n---------------\n')
+    assert len(stories) == 2 and all(s.startswith('Once upon a time') for s in stories)
+
+
+def test_stories_stop_at_end_of_text(chain):
+    assert story(chain, '--start=Once') == 'Once one two three\n'
+    batch = story(chain, '--start=Once', '--num_samples=2', '--temperature=1.0')
+    assert batch == 'Once one two three\n---------------\nOnce one two three\n'
+    on = story(chain, '--start=Once', '--max_new_tokens=7', '--stop_at_eot=False')
+    assert on == 'Once one two three<|endoftext|> one two three\n'
+
+
+def test_streamed_story_is_the_generated_one(random_dir, enc):
+    from common import load_model
+    opts = dict(temperature=1.0, top_k=None, top_p=0.9, repetition_penalty=1.3, window_shift=4)
+    streamed = story(random_dir, '--start=Hi', '--seed=7', '--max_new_tokens=40',
+                     *(f'--{k}={v}' for k, v in opts.items()))
+    model, _ = load_model(os.path.join(random_dir, 'best.pt'))
+    torch.manual_seed(7)
+    y = model.generate(torch.tensor([[EOT] + enc.encode('Hi')]), 40, eos_token=EOT, **opts)[0, 2:].tolist()
+    y = y[:y.index(EOT)] if EOT in y else y
+    assert streamed == 'Hi' + enc.decode(y) + '\n'
+
+
+def test_sampling_options_reach_the_model(random_dir):
+    args = ['--start=Once', '--max_new_tokens=15']
+    greedy = story(random_dir, *args, '--temperature=0')
+    assert story(random_dir, *args, '--top_k=1', '--seed=1') == greedy
+    assert story(random_dir, *args, '--top_p=1e-6', '--top_k=None', '--seed=2') == greedy
+    assert story(random_dir, *args, '--temperature=0', '--repetition_penalty=100.0') != greedy
+
+
+def test_prompt_from_a_file(chain, tmp_path):
+    (tmp_path / 'prompt.txt').write_text('Once')
+    assert story(chain, f'--start=FILE:{tmp_path / "prompt.txt"}') == 'Once one two three\n'
+    with pytest.raises(SystemExit, match='error: cannot read the prompt file .*nope.txt'):
+        sample(chain, f'--start=FILE:{tmp_path / "nope.txt"}')
+
+
+def test_too_long_prompt_keeps_its_end_and_warns(random_dir):
+    out, err = sample(random_dir, '--start=' + 'Once upon a time ' * 20, '--max_new_tokens=3')
+    assert out.startswith('Once upon a time ' * 20)
+    assert 'warning: the prompt is 82 tokens' in err and 'its last 32' in err  # with <|endoftext|>
+
+
+@pytest.mark.parametrize('what, message', [('missing', 'no checkpoint at .*best.pt .*train'),
+                                           ('foreign', 'is not a train.py checkpoint'),
+                                           ('corrupt', 'cannot read checkpoint')])
+def test_bad_checkpoints(tmp_path, what, message):
+    if what == 'foreign':
+        torch.save({'foo': 1}, tmp_path / 'best.pt')
+    elif what == 'corrupt':
+        (tmp_path / 'best.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(SystemExit, match=f'^error: .*{message}'):
+        sample(tmp_path)
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--temperature=-1', 'temperature must be >= 0'), ('--top_p=0', 'top_p must be'), ('--top_p=1.5', 'top_p must be'),
+    ('--top_p=x', 'top_p must be'), ('--top_k=0', 'top_k must be'), ('--num_samples=0', 'num_samples must be'),
+    ('--max_new_tokens=0', 'max_new_tokens must be'), ('--repetition_penalty=0', 'repetition_penalty must be'),
+    ('--window_shift=0', 'window_shift must be'), ('--dtype=float16', 'dtype=float16 is for GPUs'),
+    ('--temprature=1', "unknown config key 'temprature'")])
+def test_bad_options_are_errors_before_loading(tmp_path, arg, message):
+    with pytest.raises(SystemExit, match=f'^error: {message}'):
+        sample(tmp_path, arg)  # no checkpoint in tmp_path: caught before loading one
+
+
+def test_window_shift_past_block_size(random_dir):
+    with pytest.raises(SystemExit, match='^error: window_shift must be at most block_size=32'):
+        sample(random_dir, '--window_shift=33')
+
+
+def test_utf8_decoder_waits_for_whole_characters(enc):
+    from sample import decode_utf8
+    text = 'Café 🐶 naïve'
+    tokens = enc.encode(text)
+    pieces = [enc.decode_single_token_bytes(t) for t in tokens]
+    assert any(p.decode('utf-8', errors='replace') != p.decode('utf-8', errors='ignore') for p in pieces), \
+        'the test needs a token that splits a character'
+    out = list(decode_utf8(tokens, enc))
+    assert ''.join(out) == text and '\ufffd' not in ''.join(out)
+    assert len(out) < len(tokens)  # a split character waited for its last byte
+    # the emoji's first byte alone never completes: it ends as one replacement character, like decode()
+    cut = enc.encode('🐶')[:1]
+    assert ''.join(decode_utf8(cut, enc)) == enc.decode(cut) == '\ufffd'
+    assert ''.join(decode_utf8([EOT], enc)) == '<|endoftext|>'
+
+
+def test_utf8_decoder_equals_decode_on_random_tokens(enc):
+    from sample import decode_utf8
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tokens = torch.randint(enc.n_vocab, (8,), generator=g).tolist()
+        assert ''.join(decode_utf8(tokens, enc)) == enc.decode(tokens)
