@@ -10,6 +10,7 @@ Unlike nanoGPT, mistakes (unknown key, wrong type, missing file, malformed argum
 run with one readable line instead of an assert.
 """
 import ast
+import builtins
 import difflib
 import sys
 
@@ -48,7 +49,8 @@ def configure(g, argv):
             except OSError as e:
                 _fail(f"cannot read config file '{arg}': {e.strerror} (give an existing .py file, e.g. config/small.py)")
             values = {}
-            exec(compile(source, arg, 'exec'), {}, values)
+            # builtins.compile: a script's own `compile` setting shadows the builtin here
+            exec(builtins.compile(source, arg, 'exec'), {}, values)
             for key, value in values.items():
                 if key.startswith('_') or not isinstance(value, _CONFIG_TYPES):
                     continue

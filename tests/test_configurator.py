@@ -47,6 +47,17 @@ def test_mistakes_are_one_clear_error(argv, message):
         run(argv)
 
 
+def test_config_file_in_a_script_with_a_compile_setting(tmp_path):
+    """train.py's `compile` setting shadows the builtin where configurator.py is exec'd."""
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('batch_size = 5\n')
+    script = tmp_path / 'script.py'
+    script.write_text(f'compile = None\nbatch_size = 1\nexec(open({os.path.join(ROOT, "configurator.py")!r}).read())\n'
+                      'print(batch_size)\n')
+    run = subprocess.run([sys.executable, str(script), str(cfg)], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == '5', run.stderr
+
+
 def test_unknown_key_in_config_file(tmp_path):
     cfg = tmp_path / 'bad.py'
     cfg.write_text('n_layers = 4\n')
