@@ -14,7 +14,7 @@ from common import autocast, get_device, log
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here
-parts = 'train,sample,prepare'  # which measurements to run
+parts = 'train,sample,prepare'  # which measurements to run: memory, train, sample, prepare
 batch_size = 8  # training micro-batch (sequences of block_size tokens)
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
@@ -58,28 +58,40 @@ def matmul_peak(dtype):
     return 2 * 2048 ** 3 / timed(lambda: a @ a, 5, 2)
 
 
+def make_train_step(batch, dtype, use_compile=False):
+    """One AdamW step of a fresh model on a fixed random batch, and the model."""
+    model = GPT(GPTConfig(**model_args)).to(device)
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    step_model = torch.compile(model) if use_compile else model
+    x = torch.randint(50257, (batch, model.config.block_size), device=device)
+
+    def train_step():
+        with autocast(device_type, dtype):
+            _, loss = step_model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return train_step, model
+
+
+if 'memory' in parts:  # first, while the process's high-water mark is still this alone
+    import resource
+    train_step, _ = make_train_step(1, 'float32')
+    for _ in range(3):
+        train_step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    rows.append(('memory', 'float32 training, peak RSS of the process', 'batch 1', '', f"{peak:,.0f} MiB"))
+
 if 'train' in parts:
     for dtype in dtypes.split(','):
         compiles = [False, True] if compile is True or (compile == 'auto' and device_type == 'cuda') else [False]
         for use_compile in compiles:
-            model = GPT(GPTConfig(**model_args)).to(device)
-            optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
-            step_model = torch.compile(model) if use_compile else model
-            x = torch.randint(50257, (batch_size, model.config.block_size), device=device)
-
-            def train_step():
-                with autocast(device_type, dtype):
-                    _, loss = step_model(x, x)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
+            train_step, model = make_train_step(batch_size, dtype, use_compile)
             dt = timed(train_step, train_steps, warmup_steps + (2 if use_compile else 0))
             peak = matmul_peak(dtype) if device_type == 'cpu' else None
             mfu = model.estimate_mfu(batch_size, dt, peak)
             rows.append(('train', f"{dtype}{' compiled' if use_compile else ''}", f"batch {batch_size}",
                          f"{batch_size * model.config.block_size / dt:,.0f}", f"MFU {mfu:.1%}, {dt * 1e3:.0f} ms/step"))
-            del model, optimizer, step_model
 
 if 'sample' in parts:
     for dtype in dtypes.split(','):
