@@ -1,0 +1,237 @@
+"""train.py end to end, as a user runs it, on a tiny model and made-up token files: a run's
+outputs, exact resume, fine-tuning, early stopping, signals, divergence, DDP and bad data."""
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from common import load_checkpoint
+from conftest import ROOT
+
+VOCAB = 64
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=8',
+        '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1', '--warmup_iters=2',
+        '--learning_rate=1e-2', '--min_lr=1e-3', '--device=cpu']
+# a tiny model on a busy 2-core machine runs far faster on one thread than waiting for a second
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def cycles(n, seed, step=1):
+    """Learnable tokens: runs of step-spaced ids (mod VOCAB), each from a random start."""
+    rng = np.random.default_rng(seed)
+    runs = [(rng.integers(VOCAB) + step * np.arange(rng.integers(5, 40))) % VOCAB for _ in range(n // 5)]
+    return np.concatenate(runs)[:n]
+
+
+def write_data(data_dir, train, val, dtype='uint16', meta_dtype=None):
+    os.makedirs(data_dir, exist_ok=True)
+    for split, tokens in (('train', train), ('validation', val)):
+        np.asarray(tokens, dtype=dtype).tofile(os.path.join(data_dir, f'{split}.bin'))
+    meta = {'dtype': meta_dtype or dtype, 'vocab_size': VOCAB, 'eot_token': VOCAB - 1,
+            'train': {'tokens': len(train), 'documents': 1}, 'validation': {'tokens': len(val), 'documents': 1}}
+    with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
+        json.dump(meta, f)
+    return str(data_dir)
+
+
+def train(data_dir, out_dir, *args, ok=True):
+    cmd = [sys.executable, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TINY, *args]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    if ok:
+        assert run.returncode == 0, run.stderr
+    return run
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_error(run, hint):
+    assert run.returncode == 1
+    assert 'Traceback' not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith('error: ') and hint in run.stderr, run.stderr
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp('data'), cycles(20000, 0), cycles(4000, 1))
+
+
+@pytest.fixture(scope='module')
+def trained(data, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp('out'))
+    train(data, out_dir, '--max_iters=30', '--eval_interval=10', '--lr_decay_iters=30', '--dropout=0.1')
+    return out_dir
+
+
+def test_a_run_writes_checkpoints_metrics_and_plot_and_learns(trained):
+    for name in ('last.pt', 'best.pt', 'metrics.jsonl', 'loss.png'):
+        assert os.path.isfile(os.path.join(trained, name))
+    with open(os.path.join(trained, 'loss.png'), 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    evals = [r for r in metrics(trained) if 'val_loss' in r]
+    assert [r['iter'] for r in evals] == [0, 10, 20, 30]
+    assert evals[-1]['val_loss'] < 0.6 * evals[0]['val_loss']  # from ln(64) = 4.16 on learnable data
+    steps = [r for r in metrics(trained) if 'loss' in r]
+    assert len(steps) == 30 and {'lr', 'ms_per_iter', 'tokens_per_s', 'mfu'} <= set(steps[0])
+
+    ckpt = load_checkpoint(os.path.join(trained, 'last.pt'))  # torch.load(weights_only=True)
+    assert set(ckpt) == {'model', 'model_args', 'iter_num', 'best_val_loss', 'config', 'optimizer', 'scaler', 'rng'}
+    assert ckpt['iter_num'] == 30 and ckpt['scaler'] is None
+    assert ckpt['best_val_loss'] == pytest.approx(min(r['val_loss'] for r in evals))
+    assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB,
+                                      dropout=0.1)
+    assert ckpt['config']['max_iters'] == 30 and not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
+    assert set(ckpt['rng']) == {'python', 'numpy', 'torch', 'cuda'}
+    best = load_checkpoint(os.path.join(trained, 'best.pt'))
+    assert best['iter_num'] == min(evals, key=lambda r: r['val_loss'])['iter']
+
+
+def test_resume_is_exact(data, tmp_path):
+    # dropout and accumulation exercise the random state and the optimizer state in the checkpoint
+    args = ['--eval_interval=4', '--lr_decay_iters=16', '--dropout=0.2', '--gradient_accumulation_steps=2']
+    train(data, tmp_path / 'straight', '--max_iters=16', *args)
+    train(data, tmp_path / 'halves', '--max_iters=8', *args)
+    train(data, tmp_path / 'halves', '--max_iters=16', '--init_from=resume', *args)
+    straight = load_checkpoint(tmp_path / 'straight' / 'last.pt')
+    halves = load_checkpoint(tmp_path / 'halves' / 'last.pt')
+    assert halves['iter_num'] == 16
+    for name, weight in straight['model'].items():
+        assert torch.equal(weight, halves['model'][name]), name
+    assert straight['best_val_loss'] == halves['best_val_loss']
+
+    def losses(out_dir):
+        return [(r['iter'], r.get('loss'), r.get('val_loss')) for r in metrics(out_dir)]
+    assert losses(tmp_path / 'straight') == losses(tmp_path / 'halves')  # the log continues where last.pt left off
+
+
+def test_finetune_from_a_checkpoint_with_a_shorter_block(data, trained, tmp_path):
+    train(data, tmp_path, f'--init_from={trained}/best.pt', '--block_size=8', '--max_iters=4', '--eval_interval=2',
+          '--learning_rate=1e-3')
+    ckpt = load_checkpoint(tmp_path / 'last.pt')
+    assert ckpt['iter_num'] == 4 and ckpt['model_args']['block_size'] == 8
+    assert ckpt['model']['transformer.wpe.weight'].shape == (8, 32)
+    first = metrics(tmp_path)[0]
+    assert first['iter'] == 0 and first['val_loss'] < 0.6 * np.log(VOCAB)  # starts from the trained weights
+
+
+def test_eval_only_prints_the_losses_and_writes_nothing(data, trained, tmp_path):
+    run = train(data, tmp_path, f'--init_from={trained}/best.pt', '--eval_only=True')
+    train_loss, val_loss = (float(word.strip(',')) for word in run.stdout.split()[2::3])
+    assert run.stdout.startswith('train loss') and max(train_loss, val_loss) < 0.6 * np.log(VOCAB)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_of_another_shape_is_an_error(data, trained, tmp_path):
+    run = train(data, tmp_path, f'--init_from={trained}/last.pt', '--n_embd=64', ok=False)
+    assert_error(run, 'n_embd=32 (the config says 64)')
+    run = train(data, trained, '--init_from=resume', '--n_layer=3', ok=False)
+    assert_error(run, 'n_layer=2 (the config says 3)')
+
+
+def test_early_stopping(tmp_path):
+    # validation runs count down while training runs count up: learning makes it worse
+    data = write_data(tmp_path / 'data', cycles(20000, 0), cycles(4000, 1, step=-1))
+    run = train(data, tmp_path / 'out', '--max_iters=500', '--eval_interval=5', '--patience=2')
+    assert 'early stop' in run.stderr
+    evals = [r for r in metrics(tmp_path / 'out') if 'val_loss' in r]
+    assert len(evals) < 100 / 5
+    assert load_checkpoint(tmp_path / 'out' / 'last.pt')['iter_num'] == evals[-1]['iter']
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(data, tmp_path):
+    cmd = [sys.executable, 'train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY, '--max_iters=100000',
+           '--eval_interval=100000', '--lr_decay_iters=100000']
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        assert any(line.startswith('iter 3:') for line in proc.stderr)  # stops reading there
+    finally:
+        proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, rest
+    ckpt = load_checkpoint(tmp_path / 'last.pt')
+    assert 3 <= ckpt['iter_num'] < 100  # saved at the signal, not at the evaluation of iter 0
+    train(data, tmp_path, '--init_from=resume', f"--max_iters={ckpt['iter_num'] + 2}", '--lr_decay_iters=100000')
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    run = train(data, tmp_path, '--learning_rate=1e3', '--grad_clip=0', '--warmup_iters=0', '--eval_interval=1',
+                '--max_iters=50', ok=False)
+    assert_error(run, 'training diverged')
+    ckpt = load_checkpoint(tmp_path / 'last.pt')
+    assert f"last.pt keeps iter {ckpt['iter_num']}" in run.stderr
+    assert all(torch.isfinite(w).all() for w in ckpt['model'].values())
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason='no torch.distributed with gloo')
+def test_ddp_on_two_cpu_processes(data, tmp_path):
+    # train.py compares every process's weights at the end and fails if DDP let them drift apart
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+           f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY, '--gradient_accumulation_steps=2', '--max_iters=10',
+           '--eval_interval=5', '--lr_decay_iters=10']
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert '2 x cpu' in run.stderr and '256 tokens per step' in run.stderr  # 2 processes x 1 micro-step x 8 x 16
+    assert load_checkpoint(tmp_path / 'last.pt')['iter_num'] == 10
+    evals = [r for r in metrics(tmp_path) if 'val_loss' in r]
+    assert evals[-1]['val_loss'] < evals[0]['val_loss']
+
+
+def test_ddp_needs_accumulation_steps_divisible_by_the_processes(data, tmp_path):
+    env = {**ENV, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'}  # fails before it looks for the other process
+    cmd = [sys.executable, 'train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY,
+           '--gradient_accumulation_steps=3']
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert_error(run, 'multiple of the 2 processes')
+
+
+@pytest.mark.parametrize('problem, hint', [
+    ('no data', 'run prepare.py first'),
+    ('no train.bin', 'run prepare.py first'),
+    ('meta.json with the wrong dtype', 'run prepare.py again'),
+    ('meta.json with a float dtype', 'not uint16 or uint32'),
+    ('block_size larger than the data', 'use a smaller --block_size'),
+    ('out_dir not writable', 'choose another --out_dir'),
+    ('nothing to resume', 'train first'),
+    ('tensorboard_log without tensorboard', 'pip install tensorboard'),
+    ('wandb_log without wandb', 'pip install wandb'),
+])
+def test_bad_data_and_setup_are_one_line_errors(problem, hint, tmp_path):
+    data = write_data(tmp_path / 'data', cycles(2000, 0), cycles(500, 1))
+    out_dir, args = tmp_path / 'out', []
+    if problem == 'no data':
+        data = tmp_path / 'empty'
+    elif problem == 'no train.bin':
+        os.remove(tmp_path / 'data' / 'train.bin')
+    elif problem == 'meta.json with the wrong dtype':
+        write_data(tmp_path / 'data', cycles(2000, 0), cycles(500, 1), meta_dtype='uint32')
+    elif problem == 'meta.json with a float dtype':
+        write_data(tmp_path / 'data', cycles(2000, 0), cycles(500, 1), dtype='float32')
+    elif problem == 'block_size larger than the data':
+        args = ['--block_size=1024']
+    elif problem == 'out_dir not writable':
+        (tmp_path / 'file').write_text('')
+        out_dir = tmp_path / 'file' / 'out'  # even root cannot make a directory inside a file
+    elif problem == 'nothing to resume':
+        args = ['--init_from=resume']
+    else:
+        module = problem.split('_')[0]
+        if importlib.util.find_spec(module):
+            pytest.skip(f'{module} is installed')
+        args = [f'--{module}_log=True']
+    assert_error(train(data, out_dir, *args, ok=False), hint)
+
+
+@pytest.mark.parametrize('name', ['cpu', 'nano', 'small', 'medium', 'large'])
+def test_config_files_set_only_train_settings(name, tmp_path):
+    run = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', f'--data_dir={tmp_path}'],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert_error(run, 'run prepare.py first')  # it took every setting; only the data is missing

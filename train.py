@@ -1,0 +1,401 @@
+"""
+Train a GPT on the token files prepare.py writes, on the CPU, one GPU, or several with DDP:
+  $ python train.py config/cpu.py                                    # a laptop, ~10 minutes
+  $ python train.py config/small.py --batch_size=32                  # one GPU
+  $ torchrun --standalone --nproc_per_node=4 train.py config/small.py
+Every eval_interval steps it writes out_dir/last.pt (and best.pt when the validation loss
+improved), metrics.jsonl and loss.png. --init_from=resume continues exactly where last.pt left
+off; --init_from=path/to/ckpt.pt fine-tunes those weights on new data. SIGINT (Ctrl-C) or
+SIGTERM finishes the current step, saves last.pt and exits with status 128 + the signal number.
+"""
+import ctypes
+import json
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+
+import matplotlib
+matplotlib.use('Agg')  # draw into files; no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common import atomic_output, autocast, die, get_device, get_dtype, load_checkpoint, log, read_meta
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out-small'  # last.pt, best.pt, metrics.jsonl and loss.png go here
+data_dir = 'data/tinystories'  # train.bin, validation.bin and meta.json from prepare.py
+eval_interval = 250  # steps between evaluations, each followed by a checkpoint
+log_interval = 10  # steps between log lines
+eval_iters = 100  # batches per split in an evaluation
+eval_only = False  # print the train and validation loss of the model init_from gives, then exit
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/last.pt) or the path of a checkpoint to fine-tune
+patience = 0  # stop after this many evaluations without a better validation loss (0 = never)
+tensorboard_log = False  # also log to TensorBoard, in out_dir/tensorboard (pip install tensorboard)
+wandb_log = False  # also log to Weights & Biases (pip install wandb)
+wandb_project = 'tinystories'
+wandb_run_name = 'gpt'
+# data
+batch_size = 64  # sequences per micro-step, in each process
+gradient_accumulation_steps = 2  # micro-steps per optimizer step, summed over all DDP processes
+block_size = 128  # context length in tokens
+# model: config/small.py's shape
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.1
+bias = True  # biases in Linears and LayerNorms
+# AdamW
+learning_rate = 1e-3  # peak learning rate
+max_iters = 5000  # optimizer steps in all
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99  # a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
+grad_clip = 1.0  # clip the gradient norm to this (0 = no clipping)
+# learning rate schedule: linear warmup, then cosine decay
+decay_lr = True  # False keeps learning_rate throughout
+warmup_iters = 200
+lr_decay_iters = 5000  # about max_iters
+min_lr = 1e-4  # about learning_rate / 10
+# system
+device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bf16 where fast, fp16 on GPUs without bf16, else fp32), 'float32', 'bfloat16', 'float16'
+compile = None  # torch.compile the model; None: on CUDA only
+backend = 'auto'  # DDP backend: 'auto' (nccl on CUDA, gloo on the CPU), 'nccl' or 'gloo'
+seed = 1337
+# -----------------------------------------------------------------------------
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# -----------------------------------------------------------------------------
+
+# torchrun starts one process per device and tells each its RANK, LOCAL_RANK and WORLD_SIZE
+ddp = 'RANK' in os.environ
+rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+master_process = rank == 0  # the one process that logs and writes files
+if gradient_accumulation_steps % world_size:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
+gradient_accumulation_steps //= world_size
+device = get_device(device)
+device_type = device.split(':')[0]
+if ddp:
+    if device_type == 'cuda':
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
+# bf16 autocast trains ~2.5x faster than fp32 on CPUs with bf16 instructions (AVX512-BF16, AMX) and
+# >10x slower on CPUs without them (most laptops); torch.cpu's check is private, hence the fallback
+cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+dtype = get_dtype(dtype, device_type, cpu_default='bfloat16' if cpu_bf16 else 'float32')
+ctx = autocast(device_type, dtype)
+torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
+if device_type == 'cpu' and sys.platform == 'linux':
+    # glibc gives big tensors (the logits, their gradients) back to the OS when they are freed, and every
+    # step faults them in again: ~40% of a CPU step. Keep freed memory for reuse: no mmap, trim above 2 GB.
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+torch.manual_seed(seed + rank)  # each process draws its own batches
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+
+meta = read_meta(data_dir)
+if meta.get('dtype') not in ('uint16', 'uint32'):
+    die(f"{data_dir}/meta.json says dtype={meta.get('dtype')!r}, not uint16 or uint32: run prepare.py again")
+data_dtype = np.dtype(meta['dtype'])
+for split in ('train', 'validation'):
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.isfile(path):
+        die(f"no {path}: run prepare.py first")
+    tokens = meta.get(split, {}).get('tokens')
+    if tokens is None or os.path.getsize(path) != tokens * data_dtype.itemsize:
+        die(f"{path} does not hold the {tokens} {data_dtype} tokens that meta.json lists: "
+            "run prepare.py again (--force=True)")
+    if tokens <= block_size:
+        die(f"{path} holds {tokens} tokens, too few for block_size={block_size}: "
+            "use a smaller --block_size or more data")
+
+if master_process:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # fail now, not at the first checkpoint
+    except OSError as e:
+        die(f"cannot write to out_dir {out_dir}: {e.strerror or e} (choose another --out_dir)")
+    if tensorboard_log:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            die("tensorboard_log=True needs TensorBoard: pip install tensorboard")
+        tb_writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
+    if wandb_log:
+        try:
+            import wandb
+        except ImportError:
+            die("wandb_log=True needs Weights & Biases: pip install wandb")
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+
+def get_batch(split):
+    # a fresh memmap per batch: one kept open keeps every page it has read, and the memory grows
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,))
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if device_type == 'cuda':
+        # from pinned memory the copy runs asynchronously, behind the GPU's current work
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
+                  vocab_size=meta['vocab_size'], dropout=dropout)
+if init_from == 'scratch':
+    model = GPT(GPTConfig(**model_args))
+else:
+    ckpt_path = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
+    if not os.path.isfile(ckpt_path):
+        die(f"init_from=resume but there is no {ckpt_path} (train first, or check --out_dir)" if init_from == 'resume'
+            else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
+    checkpoint = load_checkpoint(ckpt_path, device)
+    saved = checkpoint['model_args']
+    shape = ['n_layer', 'n_head', 'n_embd', 'bias'] + (['block_size'] if init_from == 'resume' else [])
+    differ = [f"{k}={saved[k]} (the config says {model_args[k]})" for k in shape if saved[k] != model_args[k]]
+    if differ:
+        die(f"{ckpt_path} holds a model of another shape: {', '.join(differ)}; train with the config it was made with")
+    if block_size > saved['block_size']:
+        die(f"{ckpt_path} was trained with block_size={saved['block_size']}; fine-tuning can shrink it, not grow it")
+    if model_args['vocab_size'] > saved['vocab_size']:
+        die(f"the data's vocabulary ({model_args['vocab_size']} tokens) is larger than that of {ckpt_path} "
+            f"({saved['vocab_size']})")
+    model_args['vocab_size'] = saved['vocab_size']
+    model = GPT(GPTConfig(**{**model_args, 'block_size': saved['block_size']}))
+    model.load_state_dict(checkpoint['model'])
+    if block_size < saved['block_size']:
+        model.crop_block_size(block_size)
+model.to(device)
+
+# a GradScaler keeps small fp16 gradients from flushing to zero; it does nothing for other dtypes
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+iter_num, best_val_loss = 0, float('inf')
+if init_from == 'resume':
+    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if checkpoint['scaler']:
+        scaler.load_state_dict(checkpoint['scaler'])
+    if ddp:  # the checkpoint holds rank 0's random state only: fresh, distinct streams instead
+        torch.manual_seed(seed + rank + iter_num)
+    else:  # the same batches and dropout masks as a run that never stopped
+        rng = checkpoint['rng']
+        random.setstate(rng['python'])
+        np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+        torch.set_rng_state(rng['torch'].cpu())
+        if device_type == 'cuda' and rng['cuda'] is not None:
+            torch.cuda.set_rng_state(rng['cuda'].cpu())
+checkpoint = None  # free its memory
+
+raw_model = model  # the bare model: its state_dict has no compile or DDP prefixes
+if compile is None:
+    compile = device_type == 'cuda'
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches of each split (and over all processes)."""
+    model.eval()
+    losses = torch.zeros(2, device=device)
+    for i, split in enumerate(('train', 'validation')):
+        for _ in range(eval_iters):
+            X, Y = get_batch(split)
+            with ctx:
+                _, loss = model(X, Y)
+            losses[i] += loss.float() / eval_iters
+    model.train()
+    if ddp:
+        dist.all_reduce(losses)
+        losses /= world_size
+    return losses.tolist()
+
+
+def get_lr(it):
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warmup_iters) / (lr_decay_iters - warmup_iters)))  # 1 -> 0
+    return min_lr + coeff * (learning_rate - min_lr)
+
+
+if eval_only:  # the model's losses on stdout, and no files written
+    train_loss, val_loss = estimate_loss()
+    if master_process:
+        print(f"train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+    sys.exit(0)
+
+metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+if master_process:
+    # a resumed run redoes the steps logged after its checkpoint; any other run starts a new log
+    kept = []
+    if init_from == 'resume' and os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            kept = [line for line in f if line.endswith('\n') and json.loads(line)['iter'] <= iter_num]
+    with open(metrics_path, 'w') as f:
+        f.writelines(kept)
+
+
+def record(**metrics):
+    """One row of metrics.jsonl, and of TensorBoard and W&B when they are on."""
+    with open(metrics_path, 'a') as f:
+        f.write(json.dumps(metrics) + '\n')
+    if tensorboard_log:
+        for key, value in metrics.items():
+            tb_writer.add_scalar(key, value, metrics['iter'])
+    if wandb_log:
+        wandb.log(metrics, step=metrics['iter'])
+
+
+def plot_losses():
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f]
+    steps, evals = [r for r in rows if 'loss' in r], [r for r in rows if 'val_loss' in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r['iter'] for r in steps], [r['loss'] for r in steps], alpha=0.4, label='train (one step)')
+    ax.plot([r['iter'] for r in evals], [r['train_loss'] for r in evals], 'o-', label='train')
+    ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o-', label='validation')
+    ax.set(xlabel='iteration', ylabel='loss', title=out_dir)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    with atomic_output(os.path.join(out_dir, 'loss.png')) as tmp:
+        fig.savefig(tmp, format='png', dpi=100)
+    plt.close(fig)
+
+
+def save_checkpoint(names):
+    np_state = np.random.get_state()
+    checkpoint = {
+        'model': raw_model.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+        # plain tensors, tuples and ints, so that torch.load(weights_only=True) reads them back
+        'rng': {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+                'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None},
+    }
+    for name in names:
+        with atomic_output(os.path.join(out_dir, name)) as tmp:  # a kill mid-write keeps the old file
+            torch.save(checkpoint, tmp)
+
+
+stop_signal = 0
+
+
+def request_stop(signum, frame):
+    global stop_signal
+    stop_signal = signum
+    if master_process:
+        log(f"{signal.Signals(signum).name}: finishing this step, then saving {out_dir}/last.pt")
+
+
+signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
+
+if master_process:
+    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, "
+        f"{world_size} x {device}, {dtype}")
+bar = tqdm(total=max_iters, initial=iter_num, unit='step', disable=None if master_process else True)
+resumed_at = iter_num if init_from == 'resume' else -1  # its checkpoint was saved after that step's evaluation
+saved_at = resumed_at
+evals_since_best, stop = 0, False
+window_time, window_iters = 0.0, 0  # time spent training since the last log line
+while True:
+    lr = get_lr(iter_num) if decay_lr else learning_rate
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
+        train_loss, val_loss = estimate_loss()
+        if not math.isfinite(train_loss + val_loss):
+            die(f"the evaluated loss is not finite at iter {iter_num}: training diverged (try a lower learning_rate); "
+                f"{out_dir}/last.pt keeps iter {saved_at}")
+        improved = val_loss < best_val_loss
+        best_val_loss = min(best_val_loss, val_loss)
+        evals_since_best = 0 if improved else evals_since_best + 1
+        if master_process:
+            bar.write(f"iter {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+                      + (" (best)" if improved else ""), file=sys.stderr)
+            record(iter=iter_num, train_loss=train_loss, val_loss=val_loss, lr=lr)
+            plot_losses()
+            save_checkpoint(['last.pt', 'best.pt'] if improved else ['last.pt'])
+        saved_at = iter_num
+    if patience and evals_since_best >= patience:
+        if master_process:
+            log(f"early stop at iter {iter_num}: no better validation loss in {patience} evaluations")
+        break
+    if iter_num >= max_iters or stop:
+        break
+
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        X, Y = get_batch('train')
+        if ddp:  # average the gradients across processes on the last micro-step only, as no_sync() does
+            model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        with ctx:
+            _, loss = model(X, Y)
+        loss = loss / gradient_accumulation_steps  # the step's loss is the mean over its micro-steps
+        loss_sum += loss.detach()
+        scaler.scale(loss).backward()
+    lossf = loss_sum.item()
+    # every process must stop at the same step, or the others would wait forever in the next all-reduce
+    flags = torch.tensor([not math.isfinite(lossf), stop_signal != 0], dtype=torch.float32, device=device)
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    diverged, stop = flags.tolist()
+    if diverged:
+        die(f"the training loss is not finite at iter {iter_num}: training diverged (try a lower learning_rate); "
+            f"{out_dir}/last.pt keeps iter {saved_at}")
+    if grad_clip:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    window_time += time.time() - t0
+    window_iters += 1
+    iter_num += 1
+    bar.update()
+    if iter_num % log_interval == 0:
+        dt = window_time / window_iters
+        if master_process:
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            bar.write(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                      f"{tokens_per_iter / dt:,.0f} tokens/s, MFU {mfu * 100:.2f}%", file=sys.stderr)
+            record(iter=iter_num, loss=lossf, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu)
+        window_time, window_iters = 0.0, 0
+bar.close()
+
+if stop and saved_at != iter_num and master_process:
+    save_checkpoint(['last.pt'])
+if ddp:
+    # a real check that DDP did its job: every process must end with the same weights
+    sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
+    all_sums = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(all_sums, sums)
+    if not all(torch.equal(s, sums) for s in all_sums):
+        die("the DDP processes ended with different weights: their gradients were not kept in sync")
+    dist.destroy_process_group()
+if stop_signal:
+    sys.exit(128 + stop_signal)
