@@ -15,7 +15,7 @@ else
   python prepare.py --max_docs=20000 --data_dir=data/sample
 fi
 echo "== train: config/cpu.py"
-python train.py config/cpu.py --data_dir=data/sample
+python train.py config/cpu.py
 echo "== sample"
 python sample.py --out_dir=out-cpu --start="Once upon a time" --num_samples=3 --max_new_tokens=200
 python eval.py --out_dir=out-cpu
