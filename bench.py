@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from common import autocast, get_device, log
+from common import autocast, get_device, keep_freed_memory
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here
@@ -19,7 +19,7 @@ batch_size = 8  # training micro-batch (sequences of block_size tokens)
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
 dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure
-compile = 'auto'  # also time torch.compile: True, False, or auto (on CUDA only; it is slow to start on a CPU)
+compile = None  # also time torch.compile: True, False, or None (on CUDA only; it is slow to start on a CPU)
 new_tokens = 256  # tokens sampled per row
 sample_batches = '1,8'  # sampling batch sizes
 window_shift = 32  # a second cached-sampling row slides its window this many tokens at a time (1 = exact)
@@ -30,6 +30,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 
 device = get_device(device)
 device_type = 'cuda' if device.startswith('cuda') else device
+if device_type == 'cpu':
+    keep_freed_memory()  # as train.py does
 shape = {}
 exec(open(config_file).read(), {}, shape)
 model_args = {k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias') if k in shape}
@@ -84,7 +86,7 @@ if 'memory' in parts:  # first, while the process's high-water mark is still thi
 
 if 'train' in parts:
     for dtype in dtypes.split(','):
-        compiles = [False, True] if compile is True or (compile == 'auto' and device_type == 'cuda') else [False]
+        compiles = [False, True] if compile or (compile is None and device_type == 'cuda') else [False]
         for use_compile in compiles:
             train_step, model = make_train_step(batch_size, dtype, use_compile)
             dt = timed(train_step, train_steps, warmup_steps + (2 if use_compile else 0))

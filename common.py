@@ -1,5 +1,6 @@
 """Small helpers shared by the scripts: errors, device and dtype, atomic writes, checkpoints."""
 import contextlib
+import ctypes
 import json
 import os
 import sys
@@ -39,6 +40,16 @@ def get_dtype(dtype, device_type, cpu_default='float32'):
     if dtype == 'float16' and device_type == 'cpu':
         die("dtype=float16 is for GPUs; on the CPU use --dtype=bfloat16 or --dtype=float32")
     return dtype
+
+
+def keep_freed_memory():
+    """On Linux, make glibc keep freed memory for reuse. By default it hands big tensors (the
+    logits and their gradients) back to the OS when they are freed, and a CPU training step then
+    faults them in again: ~40% of the step. No mmap, and trim only above 2 GB."""
+    if sys.platform == 'linux':
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
 def autocast(device_type, dtype):

@@ -8,7 +8,6 @@ improved), metrics.jsonl and loss.png. --init_from=resume continues exactly wher
 off; --init_from=path/to/ckpt.pt fine-tunes those weights on new data. SIGINT (Ctrl-C) or
 SIGTERM finishes the current step, saves last.pt and exits with status 128 + the signal number.
 """
-import ctypes
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import atomic_output, autocast, die, get_device, get_dtype, load_checkpoint, log, read_meta
+from common import atomic_output, autocast, die, get_device, get_dtype, keep_freed_memory, load_checkpoint, log, read_meta
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -72,6 +71,7 @@ dtype = 'auto'  # 'auto' (bf16 where fast, fp16 on GPUs without bf16, else fp32)
 compile = None  # torch.compile the model; None: on CUDA only
 backend = 'auto'  # DDP backend: 'auto' (nccl on CUDA, gloo on the CPU), 'nccl' or 'gloo'
 seed = 1337
+peak_flops = 0.0  # the MFU's denominator in FLOP/s; 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -96,12 +96,8 @@ cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
 dtype = get_dtype(dtype, device_type, cpu_default='bfloat16' if cpu_bf16 else 'float32')
 ctx = autocast(device_type, dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
-if device_type == 'cpu' and sys.platform == 'linux':
-    # glibc gives big tensors (the logits, their gradients) back to the OS when they are freed, and every
-    # step faults them in again: ~40% of a CPU step. Keep freed memory for reuse: no mmap, trim above 2 GB.
-    libc = ctypes.CDLL(None)
-    libc.mallopt(-4, 0)  # M_MMAP_MAX
-    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+if device_type == 'cpu':
+    keep_freed_memory()
 torch.manual_seed(seed + rank)  # each process draws its own batches
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
@@ -315,6 +311,7 @@ signal.signal(signal.SIGTERM, request_stop)
 if master_process:
     log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, "
         f"{world_size} x {device}, {dtype}")
+run_start = time.time()
 bar = tqdm(total=max_iters, initial=iter_num, unit='step', disable=None if master_process else True)
 resumed_at = iter_num if init_from == 'resume' else -1  # its checkpoint was saved after that step's evaluation
 saved_at = resumed_at
@@ -380,12 +377,14 @@ while True:
     if iter_num % log_interval == 0:
         dt = window_time / window_iters
         if master_process:
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
             bar.write(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{tokens_per_iter / dt:,.0f} tokens/s, MFU {mfu * 100:.2f}%", file=sys.stderr)
             record(iter=iter_num, loss=lossf, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu)
         window_time, window_iters = 0.0, 0
 bar.close()
+if master_process:
+    log(f"stopped at iter {iter_num} after {(time.time() - run_start) / 60:.1f} min; best val loss {best_val_loss:.4f}")
 
 if stop and saved_at != iter_num and master_process:
     save_checkpoint(['last.pt'])
