@@ -85,6 +85,11 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
+def checkpoint_path(out_dir, ckpt):
+    """ckpt is 'best' or 'last' (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint."""
+    return os.path.join(out_dir, f'{ckpt}.pt') if ckpt in ('best', 'last') else ckpt
+
+
 def load_model(path, device='cpu'):
     """The GPT stored in a train.py checkpoint, in eval mode, and the checkpoint itself."""
     from model import GPT, GPTConfig

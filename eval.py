@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import atomic_output, autocast, die, get_device, get_dtype, get_tokenizer, load_model, read_meta
+from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, read_meta
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
@@ -37,7 +37,7 @@ device_type = device.split(':')[0]
 dtype = get_dtype(dtype, device_type)
 enc = get_tokenizer()
 
-path = os.path.join(out_dir, f'{ckpt}.pt') if ckpt in ('best', 'last') else ckpt
+path = checkpoint_path(out_dir, ckpt)
 model, checkpoint = load_model(path, device)
 block_size = model.config.block_size
 data_dir = data_dir or (checkpoint.get('config') or {}).get('data_dir')

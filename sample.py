@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from common import die, get_device, get_dtype, get_tokenizer, load_model, log
+from common import checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, log
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
@@ -73,7 +73,7 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
     dtype = get_dtype(dtype, device.split(':')[0])
     enc = get_tokenizer()
 
-    path = os.path.join(out_dir, f'{ckpt}.pt') if ckpt in ('best', 'last') else ckpt
+    path = checkpoint_path(out_dir, ckpt)
     model, _ = load_model(path, device)
     block_size = model.config.block_size
     if model.config.vocab_size < enc.n_vocab:
