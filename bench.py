@@ -29,7 +29,7 @@ seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 
 device = get_device(device)
-device_type = 'cuda' if device.startswith('cuda') else device
+device_type = device.split(':')[0]
 if device_type == 'cpu':
     keep_freed_memory()  # as train.py does
 shape = {}

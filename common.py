@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from model import GPT, GPTConfig
+
 
 def die(msg):
     """End the run with one readable line on stderr and exit status 1."""
@@ -92,7 +94,6 @@ def checkpoint_path(out_dir, ckpt):
 
 def load_model(path, device='cpu'):
     """The GPT stored in a train.py checkpoint, in eval mode, and the checkpoint itself."""
-    from model import GPT, GPTConfig
     ckpt = load_checkpoint(path, device)
     try:
         model = GPT(GPTConfig(**ckpt['model_args']))
