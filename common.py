@@ -1,13 +1,13 @@
-"""Small helpers shared by the scripts: errors, device and dtype, atomic writes, checkpoints."""
+"""Small helpers shared by the scripts: errors, device and dtype, atomic writes, data, checkpoints.
+torch is imported inside the functions that need it: prepare.py uses this module too, and
+importing torch would cost it a second and ~300 MB for nothing."""
 import contextlib
 import ctypes
 import json
 import os
 import sys
 
-import torch
-
-from model import GPT, GPTConfig
+import numpy as np
 
 
 def die(msg):
@@ -16,6 +16,7 @@ def die(msg):
 
 
 def get_device(device='auto'):
+    import torch
     if device != 'auto':
         if device.startswith('cuda') and not torch.cuda.is_available():
             die(f"device={device} but CUDA is not available here (use --device=cpu or --device=auto)")
@@ -30,6 +31,7 @@ def get_device(device='auto'):
 def get_dtype(dtype, device_type, cpu_default='float32'):
     """'auto' is bf16 where the GPU has it, fp16 (with a GradScaler in training) on older GPUs,
     and cpu_default on the CPU."""
+    import torch
     if dtype == 'auto':
         if device_type == 'cuda':
             dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
@@ -56,6 +58,7 @@ def keep_freed_memory():
 
 def autocast(device_type, dtype):
     """Mixed precision context for forward passes; a no-op for float32."""
+    import torch
     if dtype == 'float32':
         return contextlib.nullcontext()
     return torch.amp.autocast(device_type=device_type, dtype=getattr(torch, dtype))
@@ -76,6 +79,7 @@ def atomic_output(path):
 
 def load_checkpoint(path, device='cpu'):
     """Load a checkpoint written by train.py, safely (weights only), with readable errors."""
+    import torch
     if not os.path.isfile(path):
         die(f"no checkpoint at {path} (train one first: python train.py config/cpu.py)")
     try:
@@ -94,6 +98,7 @@ def checkpoint_path(out_dir, ckpt):
 
 def load_model(path, device='cpu'):
     """The GPT stored in a train.py checkpoint, in eval mode, and the checkpoint itself."""
+    from model import GPT, GPTConfig
     ckpt = load_checkpoint(path, device)
     try:
         model = GPT(GPTConfig(**ckpt['model_args']))
@@ -104,12 +109,47 @@ def load_model(path, device='cpu'):
 
 
 def read_meta(data_dir):
-    """meta.json that prepare.py writes beside train.bin and validation.bin."""
+    """meta.json that prepare.py writes beside train.bin and validation.bin, checked."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
         die(f"no {path}: run prepare.py first (e.g. python prepare.py --source=../shared/data/tinystories/train-sample.txt)")
-    with open(path) as f:
-        return json.load(f)
+    again = "run prepare.py again with --force=True"
+    try:
+        with open(path, encoding='utf-8') as f:
+            meta = json.load(f)
+    except (ValueError, OSError) as e:
+        die(f"{path} is not readable JSON ({str(e).splitlines()[0]}): {again}")
+    if not isinstance(meta, dict):
+        die(f"{path} holds no JSON object: {again}")
+    missing = [k for k in ('vocab_size', 'dtype') if k not in meta]
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}: {again}")
+    if meta['dtype'] not in ('uint16', 'uint32'):
+        die(f"{path} says dtype={meta['dtype']!r}, not uint16 or uint32: {again}")
+    if type(meta['vocab_size']) is not int or meta['vocab_size'] < 1:
+        die(f"{path} says vocab_size={meta['vocab_size']!r}, not a positive whole number: {again}")
+    return meta
+
+
+def open_split(data_dir, meta, split):
+    """The tokens of data_dir/split.bin as a read-only memmap, after checking that the file holds
+    exactly the tokens meta.json lists and that every id is below its vocab_size."""
+    path = os.path.join(data_dir, f'{split}.bin')
+    if not os.path.isfile(path):
+        die(f"no {path}: run prepare.py first")
+    tokens = meta.get(split, {}).get('tokens') if isinstance(meta.get(split), dict) else None
+    if type(tokens) is not int:
+        die(f"{data_dir}/meta.json gives no token count for {split}: run prepare.py again with --force=True")
+    dtype = np.dtype(meta['dtype'])
+    if os.path.getsize(path) != tokens * dtype.itemsize:
+        die(f"{path} does not hold the {tokens} {dtype} tokens that meta.json lists (truncated or replaced?): "
+            "run prepare.py again with --force=True")
+    data = np.memmap(path, dtype=dtype, mode='r') if tokens else np.zeros(0, dtype)
+    # an id past the vocabulary is an IndexError on the CPU and a device-side assert on a GPU
+    if tokens and int(data.max()) >= meta['vocab_size']:
+        die(f"{path} holds token id {int(data.max())}, outside meta.json's vocab_size={meta['vocab_size']}: "
+            "run prepare.py again with --force=True")
+    return data
 
 
 def get_tokenizer():

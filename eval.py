@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, read_meta
+from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, open_split, read_meta
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
@@ -47,12 +47,10 @@ meta = read_meta(data_dir)
 if meta['vocab_size'] > model.config.vocab_size:
     die(f"{data_dir} has vocab_size={meta['vocab_size']}, more than the model's {model.config.vocab_size}")
 bin_path = os.path.join(data_dir, f'{split}.bin')
-if not os.path.isfile(bin_path):
-    die(f"no {bin_path} (the splits prepare.py writes are train and validation)")
-n = os.path.getsize(bin_path) // np.dtype(meta['dtype']).itemsize - 1  # every token but the first is predicted
+data = open_split(data_dir, meta, split)
+n = len(data) - 1  # every token but the first is predicted
 if n < 1:
     die(f"{bin_path} holds {n + 1} tokens: too few to score")
-data = np.memmap(bin_path, dtype=meta['dtype'], mode='r')
 if max_tokens:
     n = min(n, max_tokens)
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import atomic_output, autocast, die, get_device, get_dtype, keep_freed_memory, load_checkpoint, log, read_meta
+from common import atomic_output, autocast, die, get_device, get_dtype, keep_freed_memory, load_checkpoint, log, open_split, read_meta
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -102,19 +102,11 @@ torch.manual_seed(seed + rank)  # each process draws its own batches
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
 meta = read_meta(data_dir)
-if meta.get('dtype') not in ('uint16', 'uint32'):
-    die(f"{data_dir}/meta.json says dtype={meta.get('dtype')!r}, not uint16 or uint32: run prepare.py again")
 data_dtype = np.dtype(meta['dtype'])
 for split in ('train', 'validation'):
-    path = os.path.join(data_dir, f'{split}.bin')
-    if not os.path.isfile(path):
-        die(f"no {path}: run prepare.py first")
-    tokens = meta.get(split, {}).get('tokens')
-    if tokens is None or os.path.getsize(path) != tokens * data_dtype.itemsize:
-        die(f"{path} does not hold the {tokens} {data_dtype} tokens that meta.json lists: "
-            "run prepare.py again (--force=True)")
+    tokens = len(open_split(data_dir, meta, split))
     if tokens <= block_size:
-        die(f"{path} holds {tokens} tokens, too few for block_size={block_size}: "
+        die(f"{data_dir}/{split}.bin holds {tokens} tokens, too few for block_size={block_size}: "
             "use a smaller --block_size or more data")
 
 if master_process:
