@@ -137,12 +137,11 @@ def documents(splits, src, *names):
     return ds.select_columns([text_field])
 
 
-def write_tokens(ds, path, enc, dtype):
-    """Tokenize ds a batch at a time, appending to a temporary file that becomes path only when
-    complete; memory holds one batch, never the whole stream. Returns its token and document counts."""
+def write_tokens(ds, path, name, enc, dtype):
+    """Tokenize ds a batch at a time into path; memory holds one batch, never the whole stream.
+    Returns its token and document counts."""
     tokens = docs = 0
-    name = os.path.basename(path)
-    with atomic_output(path) as tmp, open(tmp, 'wb') as f, tqdm(total=len(ds), desc=f'tokenizing {name}', unit='doc', file=sys.stderr) as bar:
+    with open(path, 'wb') as f, tqdm(total=len(ds), desc=f'tokenizing {name}', unit='doc', file=sys.stderr) as bar:
         for batch in ds.iter(batch_size):
             texts = [t for t in batch[text_field] if t]  # an empty document would be a lone end-of-text token
             ids = tokenize_batch(enc, texts, dtype, num_threads)
@@ -150,8 +149,8 @@ def write_tokens(ds, path, enc, dtype):
             tokens, docs = tokens + len(ids), docs + len(texts)
             bar.update(len(batch[text_field]))
             bar.set_postfix(tokens=f'{tokens:,}', refresh=False)
-        if docs == 0:
-            die(f"every document for {name} is empty (is --text_field={text_field} the right field?)")
+    if docs == 0:
+        die(f"every document for {name} is empty (is --text_field={text_field} the right field?)")
     return {'tokens': tokens, 'documents': docs}
 
 
@@ -199,22 +198,25 @@ if __name__ == '__main__':
         train, val = train.select(np.flatnonzero(~is_val)), train.select(np.flatnonzero(is_val))
         val_from = f"{n_val} documents of {source} held out (val_fraction={val_fraction}, seed={seed})"
 
-    # tokenize into temporary files renamed into place when complete, then write meta.json
+    # tokenize into temporary files; only when both are complete do they and meta.json replace the
+    # old ones, so a failed or interrupted run leaves the old data usable. Renamed .bin files first,
+    # meta.json last: in the moment between, common.open_split sees the sizes disagree with meta.json
     try:
         os.makedirs(data_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=data_dir).close()  # fail now, not after an hour of tokenizing
-        if os.path.exists(meta_path):
-            os.remove(meta_path)  # it would describe .bin files that are about to change
-        t1 = time.time()
-        stats = {split: write_tokens(ds, bins[split], enc, dtype) for split, ds in (('train', train), ('validation', val))}
+        with atomic_output(meta_path) as meta_tmp, atomic_output(bins['train']) as train_tmp, \
+                atomic_output(bins['validation']) as val_tmp:
+            t1 = time.time()
+            stats = {split: write_tokens(ds, tmp, f'{split}.bin', enc, dtype)
+                     for split, ds, tmp in (('train', train, train_tmp), ('validation', val, val_tmp))}
+            t2 = time.time()
+            stats['train']['from'], stats['validation']['from'] = source, val_from
+            meta = {'tokenizer': enc.name, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': dtype,
+                    **stats, 'source': source, 'options': options}
+            with open(meta_tmp, 'w') as f:
+                json.dump(meta, f, indent=2)
     except OSError as e:
         die(f"cannot write to data_dir {data_dir}: {e.strerror or e}")
-    t2 = time.time()
-    stats['train']['from'], stats['validation']['from'] = source, val_from
-    meta = {'tokenizer': enc.name, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': dtype,
-            **stats, 'source': source, 'options': options}
-    with atomic_output(meta_path) as tmp, open(tmp, 'w') as f:
-        json.dump(meta, f, indent=2)
     tokens, docs = (stats['train'][k] + stats['validation'][k] for k in ('tokens', 'documents'))
     print(f"prepared {data_dir}: {tokens:,} tokens in {docs:,} documents (train {stats['train']['tokens']:,} tokens, "
           f"validation {stats['validation']['tokens']:,}), {time.time() - t0:.1f}s in all, tokenizing and writing "

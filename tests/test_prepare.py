@@ -14,6 +14,7 @@ import pytest
 import tiktoken
 
 from conftest import ROOT, TINYSTORIES, needs_shared, needs_tokenizer
+import common
 import prepare
 
 PREPARE = os.path.join(ROOT, 'prepare.py')
@@ -180,8 +181,32 @@ def test_rerun_skips_unless_forced_or_changed(tmp_path, monkeypatch, capsys):
     assert prepared('--max_docs=10')
 
 
+def snapshot(data_dir):
+    return {name: (data_dir / name).read_bytes() for name in sorted(os.listdir(data_dir))}
+
+
+def usable(data_dir):
+    """What train.py and eval.py read: meta.json and both splits, checked against each other."""
+    meta = common.read_meta(str(data_dir))
+    return {split: len(common.open_split(str(data_dir), meta, split)) for split in ('train', 'validation')}
+
+
 @needs_tokenizer
-def test_interrupted_run_leaves_no_bin_and_no_meta(tmp_path, monkeypatch):
+def test_failed_rerun_keeps_the_old_data(tmp_path, monkeypatch):
+    """--force=True with a source that fails once the train split is written: the old data stays."""
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
+    before, counts = snapshot(tmp_path / 'd'), usable(tmp_path / 'd')
+    assert sorted(before) == ['meta.json', 'train.bin', 'validation.bin']
+    (tmp_path / 'blank.jsonl').write_text('{"text": ""}\n')
+    new = write_txt(tmp_path / 'new.txt', STORIES[:5])
+    error(monkeypatch, f'--source={new}', f'--val_source={tmp_path / "blank.jsonl"}', '--force=True',
+          f'--data_dir={tmp_path / "d"}')
+    assert snapshot(tmp_path / 'd') == before and usable(tmp_path / 'd') == counts
+
+
+@needs_tokenizer
+def test_interrupted_run_keeps_the_old_data_and_leaves_nothing_new(tmp_path, monkeypatch):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
     encode, calls = tiktoken.Encoding.encode_ordinary, []
@@ -191,14 +216,14 @@ def test_interrupted_run_leaves_no_bin_and_no_meta(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return encode(self, text)
     monkeypatch.setattr(tiktoken.Encoding, 'encode_ordinary', interrupted)
+    before = snapshot(tmp_path / 'd')
     for data_dir in ('d', 'fresh'):  # over a finished run, and into a new directory
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             run_prepare(monkeypatch, f'--source={src}', '--batch_size=4', '--num_threads=1', '--force=True',
                         f'--data_dir={tmp_path / data_dir}')
-        left = sorted(os.listdir(tmp_path / data_dir))
-        assert 'meta.json' not in left and not any('.tmp' in f for f in left)
-    assert left == []
+    assert snapshot(tmp_path / 'd') == before
+    assert os.listdir(tmp_path / 'fresh') == []
 
 
 def error(monkeypatch, *args):
