@@ -77,6 +77,30 @@ def atomic_output(path):
             os.remove(tmp)
 
 
+def remove_stale_temps(folder):
+    """Remove the temporary files (NAME.tmpPID) that atomic_output leaves behind when its process
+    is killed outright (kill -9, out of memory) and whose process no longer runs. Returns their paths."""
+    if os.name != 'posix' or not os.path.isdir(folder):  # os.kill(pid, 0) only asks on POSIX; elsewhere it kills
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        base, tmp, pid = name.rpartition('.tmp')
+        if not (base and tmp and pid.isdigit() and int(pid) > 0):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (a process of ours, or of another user: PermissionError)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        path = os.path.join(folder, name)
+        os.remove(path)
+        removed.append(path)
+        log(f"removed {path}, left by process {pid} that no longer runs")
+    return removed
+
+
 def load_checkpoint(path, device='cpu'):
     """Load a checkpoint written by train.py, safely (weights only), with readable errors."""
     import torch

@@ -23,7 +23,7 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
-from common import atomic_output, die, get_tokenizer
+from common import atomic_output, die, get_tokenizer, remove_stale_temps
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
@@ -158,6 +158,7 @@ if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     if not 0 < val_fraction < 1 or max_docs < 0:
         die(f"need 0 < val_fraction < 1 and max_docs >= 0, got val_fraction={val_fraction} max_docs={max_docs}")
+    remove_stale_temps(data_dir)  # what a killed run left
     files = local_files(source), (local_files(val_source) if val_source else None)
     enc = get_tokenizer()
     dtype = token_dtype(enc.n_vocab)

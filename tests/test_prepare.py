@@ -226,6 +226,26 @@ def test_interrupted_run_keeps_the_old_data_and_leaves_nothing_new(tmp_path, mon
     assert os.listdir(tmp_path / 'fresh') == []
 
 
+@needs_tokenizer
+def test_stale_temporary_files_are_removed(tmp_path, monkeypatch):
+    """kill -9 leaves NAME.tmpPID files: removed at start once process PID is gone, kept while it runs."""
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
+    dead = subprocess.Popen([sys.executable, '-c', '']); dead.wait()
+    alive = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        for name in (f'train.bin.tmp{dead.pid}', f'meta.json.tmp{dead.pid}', f'train.bin.tmp{alive.pid}', 'notes.tmpx'):
+            (tmp_path / 'd' / name).write_text('partial')
+        run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')  # nothing else to do
+        assert sorted(os.listdir(tmp_path / 'd')) == sorted(
+            ['meta.json', 'train.bin', 'validation.bin', f'train.bin.tmp{alive.pid}', 'notes.tmpx'])
+    finally:
+        alive.kill()
+        alive.wait()
+    assert common.remove_stale_temps(str(tmp_path / 'd')) == [str(tmp_path / 'd' / f'train.bin.tmp{alive.pid}')]
+    assert common.remove_stale_temps(str(tmp_path / 'nowhere')) == []
+
+
 def error(monkeypatch, *args):
     with pytest.raises(SystemExit) as e:
         run_prepare(monkeypatch, *args)
