@@ -28,13 +28,13 @@ from common import atomic_output, die, get_tokenizer, remove_stale_temps
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
 val_source = ''  # validation documents; '' = the source's validation split, else val_fraction of train
-val_fraction = 0.05  # share of the train documents held out (seeded) when there is no validation source
-seed = 1337  # seed of that split
+val_fraction = 0.05  # share (0..1, exclusive) of the train documents held out (seeded) when there is no validation source
+seed = 1337  # seed of that split (>= 0)
 max_docs = 0  # keep only the first max_docs documents of each source (0 = all), for quick demos
 text_field = 'text'  # the field holding the text in hub, .jsonl/.json and .parquet sources
 data_dir = 'data/tinystories'  # where train.bin, validation.bin and meta.json go
-batch_size = 1024  # documents tokenized at a time: bounds memory, hardly matters for speed
-num_threads = 0  # tokenizer threads (0 = one per CPU core)
+batch_size = 1024  # documents tokenized at a time (>= 1): bounds memory, hardly matters for speed
+num_threads = 0  # tokenizer threads (>= 0; 0 = one per CPU core)
 force = False  # redo the work even when data_dir already holds it
 # -----------------------------------------------------------------------------
 FORMATS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
@@ -156,8 +156,21 @@ def write_tokens(ds, path, name, enc, dtype):
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    if not 0 < val_fraction < 1 or max_docs < 0:
-        die(f"need 0 < val_fraction < 1 and max_docs >= 0, got val_fraction={val_fraction} max_docs={max_docs}")
+    # every setting's range, checked before anything is read or written
+    if not source:
+        die("source must name a hub dataset or local files, e.g. --source=../shared/data/tinystories/train-sample.txt")
+    if not data_dir:
+        die("data_dir must name a folder, e.g. --data_dir=data/tinystories")
+    if not 0 < val_fraction < 1:
+        die(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if seed < 0:
+        die(f"seed must be >= 0, got {seed}")
+    if max_docs < 0:
+        die(f"max_docs must be >= 0 (0 keeps all), got {max_docs}")
+    if batch_size < 1:
+        die(f"batch_size must be at least 1, got {batch_size}")
+    if num_threads < 0:
+        die(f"num_threads must be >= 0 (0 is one per CPU core), got {num_threads}")
     remove_stale_temps(data_dir)  # what a killed run left
     files = local_files(source), (local_files(val_source) if val_source else None)
     enc = get_tokenizer()

@@ -282,6 +282,15 @@ def test_bad_inputs_give_one_error_line_and_no_files(tmp_path, monkeypatch):
         assert not out.exists() or os.listdir(out) == []
 
 
+@pytest.mark.parametrize('arg', ['--batch_size=0', '--num_threads=-1', '--val_fraction=0', '--val_fraction=1.0',
+                                 '--max_docs=-1', '--seed=-1', '--source=', '--data_dir='])
+def test_settings_out_of_range_are_one_error_line_before_any_work(tmp_path, monkeypatch, arg):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    setting = arg[2:arg.index('=')]
+    assert error(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}', arg).startswith(f'error: {setting}')
+    assert not (tmp_path / 'd').exists()
+
+
 @needs_tokenizer
 def test_default_hub_source_offline_fails_fast_with_a_hint(tmp_path, monkeypatch):
     start = time.time()
