@@ -5,6 +5,7 @@ Write stories with a model trained by train.py.
 The stories go to stdout (a single one is printed as it is written); the speed goes to stderr.
 """
 import codecs
+import math
 import os
 import time
 
@@ -48,19 +49,21 @@ def decode_utf8(tokens, enc):
 
 if __name__ == '__main__':  # a plain script; tests import decode_utf8
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    # check the settings before the slow part, loading the model
+    # every setting's range, checked before the slow part, loading the model
+    if not ckpt:
+        die("ckpt must be best, last or the path of a checkpoint")
     if num_samples < 1:
         die(f"num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 1:
         die(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        die(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        die(f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     if top_k is not None and top_k < 1:
         die(f"top_k must be at least 1 or None, got {top_k}")
     if top_p is not None and not (type(top_p) in (int, float) and 0 < top_p <= 1):
         die(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-    if repetition_penalty <= 0:
-        die(f"repetition_penalty must be > 0 (1.0 is off), got {repetition_penalty}")
+    if not 0 < repetition_penalty < math.inf:
+        die(f"repetition_penalty must be > 0 (1.0 is off) and finite, got {repetition_penalty}")
     if window_shift is not None and not (type(window_shift) is int and window_shift >= 1):
         die(f"window_shift must be a whole number >= 1 or None, got {window_shift!r}")
     if start.startswith('FILE:'):

@@ -82,7 +82,7 @@ def test_command_line(chain, tmp_path):
     run = subprocess.run([sys.executable, 'sample.py', f'--out_dir={tmp_path}', '--temperature=-1'],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stdout == ''
-    assert run.stderr.splitlines()[-1] == 'error: temperature must be >= 0 (0 is greedy), got -1.0'
+    assert run.stderr.splitlines()[-1] == 'error: temperature must be >= 0 (0 is greedy) and finite, got -1.0'
 
 
 def test_same_seed_same_stories_other_seed_other_stories(random_dir):
@@ -151,6 +151,8 @@ def test_bad_checkpoints(tmp_path, what, message):
     ('--top_p=x', 'top_p must be'), ('--top_k=0', 'top_k must be'), ('--num_samples=0', 'num_samples must be'),
     ('--max_new_tokens=0', 'max_new_tokens must be'), ('--repetition_penalty=0', 'repetition_penalty must be'),
     ('--window_shift=0', 'window_shift must be'), ('--dtype=float16', 'dtype=float16 is for GPUs'),
+    ('--temperature=1e999', 'temperature must be'), ('--repetition_penalty=1e999', 'repetition_penalty must be'),
+    ('--ckpt=', 'ckpt must be'),
     ('--temprature=1', "unknown config key 'temprature'")])
 def test_bad_options_are_errors_before_loading(tmp_path, arg, message):
     with pytest.raises(SystemExit, match=f'^error: {message}'):
