@@ -130,6 +130,11 @@ def documents(splits, src, *names):
         die(f"{src} has no {' or '.join(names)} split (it has {', '.join(splits)})")
     if text_field not in ds.column_names:
         die(f"{src} has no field '{text_field}' (it has {', '.join(ds.column_names)}): choose one with --text_field=NAME")
+    feature = ds.features[text_field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string')):
+        kind = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else f"{type(feature).__name__} values"
+        die(f"{src}: field '{text_field}' holds {kind}, not text: choose the field that holds each document's "
+            "text with --text_field=NAME, or store the text as strings")
     if max_docs:
         ds = ds.select(range(min(max_docs, len(ds))))
     if len(ds) == 0:

@@ -282,6 +282,18 @@ def test_bad_inputs_give_one_error_line_and_no_files(tmp_path, monkeypatch):
         assert not out.exists() or os.listdir(out) == []
 
 
+@needs_tokenizer
+@pytest.mark.parametrize('values, kind', [([5, 7], 'int64'), ([1.5, 2.5], 'double'), ([['a'], ['b']], 'list'),
+                                          (['a', 7], 'mixed')])
+def test_text_field_that_is_not_text_is_named(tmp_path, monkeypatch, values, kind):
+    (tmp_path / 'nums.jsonl').write_text(''.join(json.dumps({'story': v}) + '\n' for v in values))
+    good = write_txt(tmp_path / 'stories.txt', STORIES)
+    msg = error(monkeypatch, f'--source={tmp_path / "nums.jsonl"}', '--text_field=story', f'--val_source={good}',
+                f'--data_dir={tmp_path / "d"}')
+    assert "field 'story' holds" in msg and 'not text' in msg and '--text_field' in msg
+    assert not (tmp_path / 'd').exists()
+
+
 @pytest.mark.parametrize('arg', ['--batch_size=0', '--num_threads=-1', '--val_fraction=0', '--val_fraction=1.0',
                                  '--max_docs=-1', '--seed=-1', '--source=', '--data_dir='])
 def test_settings_out_of_range_are_one_error_line_before_any_work(tmp_path, monkeypatch, arg):
