@@ -318,3 +318,10 @@ def test_command_line_error_exit_status(tmp_path):
     assert r.returncode == 1 and r.stdout == ''
     assert r.stderr.strip().splitlines()[-1] == f"error: no such file or directory: {tmp_path / 'missing.txt'}"
     assert not (tmp_path / 'd').exists()
+
+
+def test_prepare_does_not_import_torch():
+    """prepare.py and the helpers it shares in common.py need no torch: importing it costs ~1 s and ~300 MB."""
+    r = subprocess.run([sys.executable, '-c', "import prepare, common, sys; assert 'torch' not in sys.modules"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
