@@ -142,3 +142,17 @@ def test_errors(setup, tmp_path):
     torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS}, tmp_path / 'last.pt')
     with pytest.raises(SystemExit, match='^error: .*last.pt does not say which data .*--data_dir'):
         evaluate(tmp_path, '--ckpt=last')
+
+
+def test_truncated_bin_is_one_error_line(setup, tmp_path):
+    """A .bin cut short (a copy that stopped, a full disk) no longer holds what meta.json lists."""
+    root, _, tokens = setup
+    write_split(tmp_path / 'data', 'validation', tokens)
+    with open(tmp_path / 'data' / 'validation.bin', 'r+b') as f:
+        f.truncate(2 * 100)
+    run = subprocess.run([sys.executable, 'eval.py', f'--out_dir={root}', f'--data_dir={tmp_path / "data"}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stdout == ''
+    assert run.stderr.splitlines()[-1] == (f"error: {tmp_path / 'data' / 'validation.bin'} does not hold the 138 uint16 "
+                                       "tokens that meta.json lists (truncated or replaced?): run prepare.py again with --force=True")
+    assert 'Traceback' not in run.stderr
