@@ -159,6 +159,16 @@ def test_bad_options_are_errors_before_loading(tmp_path, arg, message):
         sample(tmp_path, arg)  # no checkpoint in tmp_path: caught before loading one
 
 
+@pytest.mark.parametrize('device, message', [('gpu', 'device=gpu is not one of auto, cpu, cuda, cuda:N, mps'),
+                                             ('cuda:99', 'device=cuda:99 is not available here'),
+                                             ('mps', 'device=mps is not available here')])
+def test_unknown_or_missing_device_is_named_before_loading(tmp_path, device, message):
+    if device == 'mps' and torch.backends.mps.is_available():
+        pytest.skip('this machine has mps')
+    with pytest.raises(SystemExit, match=f'^error: {message}.*this machine has cpu'):
+        sample(tmp_path, f'--device={device}')  # no checkpoint in tmp_path: caught before loading one
+
+
 def test_window_shift_past_block_size(random_dir):
     with pytest.raises(SystemExit, match='^error: window_shift must be at most block_size=32'):
         sample(random_dir, '--window_shift=33')
