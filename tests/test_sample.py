@@ -121,6 +121,21 @@ def test_sampling_options_reach_the_model(random_dir):
     assert story(random_dir, *args, '--temperature=0', '--repetition_penalty=100.0') != greedy
 
 
+@pytest.mark.parametrize('temperature', [1e-37, 1e-45, 1e-300, 5e-324])
+def test_tiny_temperature_is_greedy(temperature):
+    """Dividing by a temperature this small overflows float32 logits (inf - inf = NaN, and every
+    token became the last id, <|endoftext|>); in the limit it is greedy."""
+    from model import sample_logits
+    logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(0)) * 10
+    assert torch.equal(sample_logits(logits.clone(), temperature), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_logits(logits.clone(), temperature, top_k=5, top_p=0.9), logits.argmax(-1, keepdim=True))
+
+
+def test_tiny_temperature_story_is_the_greedy_one(random_dir):
+    args = ['--start=Once', '--max_new_tokens=15', '--num_samples=2']
+    assert story(random_dir, *args, '--temperature=1e-45') == story(random_dir, *args, '--temperature=0')
+
+
 def test_prompt_from_a_file(chain, tmp_path):
     (tmp_path / 'prompt.txt').write_text('Once')
     assert story(chain, f'--start=FILE:{tmp_path / "prompt.txt"}') == 'Once one two three\n'
