@@ -7,6 +7,7 @@ The stories go to stdout (a single one is printed as it is written); the speed g
 import codecs
 import math
 import os
+import sys
 import time
 
 import torch
@@ -107,25 +108,43 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
 
     torch.manual_seed(seed)
     t0 = time.time()
-    if num_samples == 1:
-        story = []  # the new tokens, shown as they come
+    new = [[] for _ in range(num_samples)]  # every story's new tokens, as they come
 
-        def new_tokens():
-            for t in model.stream(x, max_new_tokens, **options):
-                if stop_at_eot and t.item() == enc.eot_token:
-                    return
-                story.append(t.item())
-                yield story[-1]
+    def steps():
+        """Run the model, adding each step's tokens to the stories; yield the first story's, to show it as it comes."""
+        for step in model.stream(x, max_new_tokens, **options):
+            for row, t in zip(new, step[:, 0].tolist()):
+                row.append(t)
+            if not (stop_at_eot and new[0][-1] == enc.eot_token):
+                yield new[0][-1]
 
-        print(start, end='', flush=True)
-        for text in decode_utf8(new_tokens(), enc):
-            print(text, end='', flush=True)
-        print()
-        stories = [story]
-    else:
-        y = model.generate(x, max_new_tokens, **options)[:, x.size(1):].tolist()
-        stories = [row[:row.index(enc.eot_token)] if stop_at_eot and enc.eot_token in row else row for row in y]
-        print('\n---------------\n'.join(start + ''.join(decode_utf8(row, enc)) for row in stories))
+    def cut(row):
+        return row[:row.index(enc.eot_token)] if stop_at_eot and enc.eot_token in row else row
+
+    try:
+        interrupted = False
+        try:
+            if num_samples == 1:
+                print(start, end='', flush=True)
+                for text in decode_utf8(steps(), enc):
+                    print(text, end='', flush=True)
+            else:
+                for _ in steps():
+                    pass
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C: show what exists of every story
+        if num_samples == 1:
+            print(flush=True)
+        else:
+            print('\n---------------\n'.join(start + ''.join(decode_utf8(cut(row), enc)) for row in new), flush=True)
+    except BrokenPipeError:
+        # the reader went away (`python sample.py | head`): stop as `cat` would, with 128 + SIGPIPE, and
+        # point stdout at /dev/null so that Python's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     dt = time.time() - t0
-    n = sum(len(s) for s in stories)
+    n = sum(len(cut(row)) for row in new)
     log(f"{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s")
+    if interrupted:
+        log("interrupted")
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a Ctrl-C

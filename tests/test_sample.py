@@ -1,6 +1,7 @@
 import io
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -132,8 +133,56 @@ def test_tiny_temperature_is_greedy(temperature):
 
 
 def test_tiny_temperature_story_is_the_greedy_one(random_dir):
-    args = ['--start=Once', '--max_new_tokens=15', '--num_samples=2']
+    args = ['--start=Once', '--max_new_tokens=8', '--num_samples=2']
     assert story(random_dir, *args, '--temperature=1e-45') == story(random_dir, *args, '--temperature=0')
+
+
+@pytest.mark.parametrize('num_samples', [1, 3])
+def test_ctrl_c_prints_what_exists_of_every_story(chain, monkeypatch, num_samples):
+    """KeyboardInterrupt after two tokens: each story so far is printed, and the exit status is 130."""
+    stream = GPT.stream
+    def interrupted(self, *args, **kwargs):
+        for i, token in enumerate(stream(self, *args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield token
+    monkeypatch.setattr(GPT, 'stream', interrupted)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={chain}', '--start=Once', f'--num_samples={num_samples}'])
+    with pytest.raises(SystemExit) as e, redirect_stdout(out), redirect_stderr(err):
+        try:
+            runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+        except KeyboardInterrupt:
+            pytest.fail('the KeyboardInterrupt escaped sample.py')
+    assert e.value.code == 130
+    assert out.getvalue() == '\n---------------\n'.join(['Once one two'] * num_samples) + '\n'
+    assert 'interrupted' in err.getvalue()
+
+
+def popen(out_dir, *args):
+    return subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={out_dir}', '--start=Once', *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_sigint_during_a_long_story_exits_130_without_a_traceback(random_dir):
+    run = popen(random_dir, '--max_new_tokens=1000000', '--stop_at_eot=False')
+    shown = os.read(run.stdout.fileno(), 1000)  # the story has begun
+    run.send_signal(signal.SIGINT)
+    rest, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert (shown + rest).startswith(b'Once') and rest.endswith(b'\n') and b'Traceback' not in err
+
+
+@pytest.mark.parametrize('num_samples', [1, 2])
+def test_a_closed_pipe_ends_quietly(random_dir, num_samples):
+    """`python sample.py | head -c 4`: the reader goes away, sample.py stops without a traceback."""
+    run = popen(random_dir, f'--num_samples={num_samples}', '--stop_at_eot=False',
+                f'--max_new_tokens={1000000 if num_samples == 1 else 5}')
+    if num_samples == 1:
+        os.read(run.stdout.fileno(), 4)
+    run.stdout.close()
+    err = run.stderr.read()
+    assert run.wait(timeout=60) == 141 and b'Traceback' not in err and b'BrokenPipe' not in err, err
 
 
 def test_prompt_from_a_file(chain, tmp_path):
