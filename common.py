@@ -16,16 +16,17 @@ def die(msg):
 
 
 def get_device(device='auto'):
+    """'auto' is cuda, else mps, else cpu; a named device must be one this machine has."""
     import torch
-    if device != 'auto':
-        if device.startswith('cuda') and not torch.cuda.is_available():
-            die(f"device={device} but CUDA is not available here (use --device=cpu or --device=auto)")
-        return device
-    if torch.cuda.is_available():
-        return 'cuda'
-    if torch.backends.mps.is_available():
-        return 'mps'
-    return 'cpu'
+    cuda = [f'cuda:{i}' for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    here = ['cpu'] + (['cuda'] + cuda if cuda else []) + (['mps'] if torch.backends.mps.is_available() else [])
+    if device == 'auto':
+        return 'cuda' if cuda else 'mps' if 'mps' in here else 'cpu'
+    if device not in here:
+        known = device in ('cpu', 'cuda', 'mps') or device.startswith('cuda:') and device[5:].isdigit()
+        problem = "is not available here" if known else "is not one of auto, cpu, cuda, cuda:N, mps"
+        die(f"device={device} {problem}: this machine has {', '.join(here)} (or use --device=auto)")
+    return device
 
 
 def get_dtype(dtype, device_type, cpu_default='float32'):
@@ -75,6 +76,30 @@ def atomic_output(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Remove the temporary files (NAME.tmpPID) that atomic_output leaves behind when its process
+    is killed outright (kill -9, out of memory) and whose process no longer runs. Returns their paths."""
+    if os.name != 'posix' or not os.path.isdir(folder):  # os.kill(pid, 0) only asks on POSIX; elsewhere it kills
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        base, tmp, pid = name.rpartition('.tmp')
+        if not (base and tmp and pid.isdigit() and int(pid) > 0):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (a process of ours, or of another user: PermissionError)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        path = os.path.join(folder, name)
+        os.remove(path)
+        removed.append(path)
+        log(f"removed {path}, left by process {pid} that no longer runs")
+    return removed
 
 
 def load_checkpoint(path, device='cpu'):

@@ -21,17 +21,22 @@ out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
 ckpt = 'best'  # best or last (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint
 data_dir = ''  # prepared data (prepare.py); empty: the data_dir the checkpoint was trained on
 split = 'validation'  # which split to score: validation or train
-max_tokens = 0  # score only the first max_tokens tokens of the split (0: all of it)
-batch_size = 8  # windows per forward pass; each holds block_size x vocab_size float32 logits
+max_tokens = 0  # score only the first max_tokens tokens of the split (>= 0; 0: all of it)
+batch_size = 8  # windows per forward pass (>= 1); each holds block_size x vocab_size float32 logits
 json_out = ''  # also write the results as JSON to this path
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # float32 on the CPU, bfloat16 autocast on GPUs that have it
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-if batch_size < 1:
-    die(f"batch_size must be at least 1, got {batch_size}")
+# every setting's range, checked before the slow part, loading the model
+if not ckpt:
+    die("ckpt must be best, last or the path of a checkpoint")
+if split not in ('train', 'validation'):
+    die(f"split must be train or validation, the splits prepare.py writes, got {split!r}")
 if max_tokens < 0:
     die(f"max_tokens must be >= 0 (0 scores the whole split), got {max_tokens}")
+if batch_size < 1:
+    die(f"batch_size must be at least 1, got {batch_size}")
 device = get_device(device)
 device_type = device.split(':')[0]
 dtype = get_dtype(dtype, device_type)

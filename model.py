@@ -261,9 +261,13 @@ class GPT(nn.Module):
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     """Pick one token per row from logits (B, vocab)."""
-    if temperature == 0:
+    # below float32's smallest normal number a temperature is greedy in all but name (and float32
+    # rounds one below ~1e-45 to 0, which would divide 0 by 0)
+    if temperature < torch.finfo(torch.float32).tiny:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits / temperature
+    # shifted by its max, the top logit stays 0 and the others reach -inf at worst; unshifted, a
+    # small temperature overflows the top ones to inf and softmax's inf - inf is NaN
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float('inf')

@@ -23,18 +23,18 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
-from common import atomic_output, die, get_tokenizer
+from common import atomic_output, die, get_tokenizer, remove_stale_temps
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
 val_source = ''  # validation documents; '' = the source's validation split, else val_fraction of train
-val_fraction = 0.05  # share of the train documents held out (seeded) when there is no validation source
-seed = 1337  # seed of that split
+val_fraction = 0.05  # share (0..1, exclusive) of the train documents held out (seeded) when there is no validation source
+seed = 1337  # seed of that split (>= 0)
 max_docs = 0  # keep only the first max_docs documents of each source (0 = all), for quick demos
 text_field = 'text'  # the field holding the text in hub, .jsonl/.json and .parquet sources
 data_dir = 'data/tinystories'  # where train.bin, validation.bin and meta.json go
-batch_size = 1024  # documents tokenized at a time: bounds memory, hardly matters for speed
-num_threads = 0  # tokenizer threads (0 = one per CPU core)
+batch_size = 1024  # documents tokenized at a time (>= 1): bounds memory, hardly matters for speed
+num_threads = 0  # tokenizer threads (>= 0; 0 = one per CPU core)
 force = False  # redo the work even when data_dir already holds it
 # -----------------------------------------------------------------------------
 FORMATS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
@@ -130,6 +130,11 @@ def documents(splits, src, *names):
         die(f"{src} has no {' or '.join(names)} split (it has {', '.join(splits)})")
     if text_field not in ds.column_names:
         die(f"{src} has no field '{text_field}' (it has {', '.join(ds.column_names)}): choose one with --text_field=NAME")
+    feature = ds.features[text_field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ('string', 'large_string')):
+        kind = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else f"{type(feature).__name__} values"
+        die(f"{src}: field '{text_field}' holds {kind}, not text: choose the field that holds each document's "
+            "text with --text_field=NAME, or store the text as strings")
     if max_docs:
         ds = ds.select(range(min(max_docs, len(ds))))
     if len(ds) == 0:
@@ -137,12 +142,11 @@ def documents(splits, src, *names):
     return ds.select_columns([text_field])
 
 
-def write_tokens(ds, path, enc, dtype):
-    """Tokenize ds a batch at a time, appending to a temporary file that becomes path only when
-    complete; memory holds one batch, never the whole stream. Returns its token and document counts."""
+def write_tokens(ds, path, name, enc, dtype):
+    """Tokenize ds a batch at a time into path; memory holds one batch, never the whole stream.
+    Returns its token and document counts."""
     tokens = docs = 0
-    name = os.path.basename(path)
-    with atomic_output(path) as tmp, open(tmp, 'wb') as f, tqdm(total=len(ds), desc=f'tokenizing {name}', unit='doc', file=sys.stderr) as bar:
+    with open(path, 'wb') as f, tqdm(total=len(ds), desc=f'tokenizing {name}', unit='doc', file=sys.stderr) as bar:
         for batch in ds.iter(batch_size):
             texts = [t for t in batch[text_field] if t]  # an empty document would be a lone end-of-text token
             ids = tokenize_batch(enc, texts, dtype, num_threads)
@@ -150,15 +154,29 @@ def write_tokens(ds, path, enc, dtype):
             tokens, docs = tokens + len(ids), docs + len(texts)
             bar.update(len(batch[text_field]))
             bar.set_postfix(tokens=f'{tokens:,}', refresh=False)
-        if docs == 0:
-            die(f"every document for {name} is empty (is --text_field={text_field} the right field?)")
+    if docs == 0:
+        die(f"every document for {name} is empty (is --text_field={text_field} the right field?)")
     return {'tokens': tokens, 'documents': docs}
 
 
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    if not 0 < val_fraction < 1 or max_docs < 0:
-        die(f"need 0 < val_fraction < 1 and max_docs >= 0, got val_fraction={val_fraction} max_docs={max_docs}")
+    # every setting's range, checked before anything is read or written
+    if not source:
+        die("source must name a hub dataset or local files, e.g. --source=../shared/data/tinystories/train-sample.txt")
+    if not data_dir:
+        die("data_dir must name a folder, e.g. --data_dir=data/tinystories")
+    if not 0 < val_fraction < 1:
+        die(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if seed < 0:
+        die(f"seed must be >= 0, got {seed}")
+    if max_docs < 0:
+        die(f"max_docs must be >= 0 (0 keeps all), got {max_docs}")
+    if batch_size < 1:
+        die(f"batch_size must be at least 1, got {batch_size}")
+    if num_threads < 0:
+        die(f"num_threads must be >= 0 (0 is one per CPU core), got {num_threads}")
+    remove_stale_temps(data_dir)  # what a killed run left
     files = local_files(source), (local_files(val_source) if val_source else None)
     enc = get_tokenizer()
     dtype = token_dtype(enc.n_vocab)
@@ -199,22 +217,25 @@ if __name__ == '__main__':
         train, val = train.select(np.flatnonzero(~is_val)), train.select(np.flatnonzero(is_val))
         val_from = f"{n_val} documents of {source} held out (val_fraction={val_fraction}, seed={seed})"
 
-    # tokenize into temporary files renamed into place when complete, then write meta.json
+    # tokenize into temporary files; only when both are complete do they and meta.json replace the
+    # old ones, so a failed or interrupted run leaves the old data usable. Renamed .bin files first,
+    # meta.json last: in the moment between, common.open_split sees the sizes disagree with meta.json
     try:
         os.makedirs(data_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=data_dir).close()  # fail now, not after an hour of tokenizing
-        if os.path.exists(meta_path):
-            os.remove(meta_path)  # it would describe .bin files that are about to change
-        t1 = time.time()
-        stats = {split: write_tokens(ds, bins[split], enc, dtype) for split, ds in (('train', train), ('validation', val))}
+        with atomic_output(meta_path) as meta_tmp, atomic_output(bins['train']) as train_tmp, \
+                atomic_output(bins['validation']) as val_tmp:
+            t1 = time.time()
+            stats = {split: write_tokens(ds, tmp, f'{split}.bin', enc, dtype)
+                     for split, ds, tmp in (('train', train, train_tmp), ('validation', val, val_tmp))}
+            t2 = time.time()
+            stats['train']['from'], stats['validation']['from'] = source, val_from
+            meta = {'tokenizer': enc.name, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': dtype,
+                    **stats, 'source': source, 'options': options}
+            with open(meta_tmp, 'w') as f:
+                json.dump(meta, f, indent=2)
     except OSError as e:
         die(f"cannot write to data_dir {data_dir}: {e.strerror or e}")
-    t2 = time.time()
-    stats['train']['from'], stats['validation']['from'] = source, val_from
-    meta = {'tokenizer': enc.name, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': dtype,
-            **stats, 'source': source, 'options': options}
-    with atomic_output(meta_path) as tmp, open(tmp, 'w') as f:
-        json.dump(meta, f, indent=2)
     tokens, docs = (stats['train'][k] + stats['validation'][k] for k in ('tokens', 'documents'))
     print(f"prepared {data_dir}: {tokens:,} tokens in {docs:,} documents (train {stats['train']['tokens']:,} tokens, "
           f"validation {stats['validation']['tokens']:,}), {time.time() - t0:.1f}s in all, tokenizing and writing "

@@ -5,7 +5,9 @@ Write stories with a model trained by train.py.
 The stories go to stdout (a single one is printed as it is written); the speed goes to stderr.
 """
 import codecs
+import math
 import os
+import sys
 import time
 
 import torch
@@ -19,11 +21,11 @@ start = ''  # the story's beginning, or FILE:path to read it from a file; empty 
 num_samples = 1  # stories to write, all generated as one batch
 max_new_tokens = 500  # most tokens to add to each story
 temperature = 0.8  # 1.0 samples the model as it is, lower is more predictable, 0 is greedy
-top_k = 200  # sample only from the k likeliest tokens (None: from all of them)
-top_p = None  # sample only from the likeliest tokens that together reach probability top_p (None: off)
+top_k: int | None = 200  # sample only from the k likeliest tokens (None: from all of them)
+top_p: float | None = None  # sample only from the likeliest tokens that together reach probability top_p (None: off)
 repetition_penalty = 1.0  # > 1 makes tokens already in the story less likely
 stop_at_eot = True  # end each story at <|endoftext|>; False writes on past it
-window_shift = None  # past block_size, forget this many oldest tokens at once; 1 is exact, None: block_size // 4
+window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; 1 is exact, None: block_size // 4
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # float32 on the CPU, bfloat16 on GPUs that have it; not float32 casts the weights
@@ -48,19 +50,21 @@ def decode_utf8(tokens, enc):
 
 if __name__ == '__main__':  # a plain script; tests import decode_utf8
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-    # check the settings before the slow part, loading the model
+    # every setting's range, checked before the slow part, loading the model
+    if not ckpt:
+        die("ckpt must be best, last or the path of a checkpoint")
     if num_samples < 1:
         die(f"num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 1:
         die(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        die(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        die(f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     if top_k is not None and top_k < 1:
         die(f"top_k must be at least 1 or None, got {top_k}")
     if top_p is not None and not (type(top_p) in (int, float) and 0 < top_p <= 1):
         die(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-    if repetition_penalty <= 0:
-        die(f"repetition_penalty must be > 0 (1.0 is off), got {repetition_penalty}")
+    if not 0 < repetition_penalty < math.inf:
+        die(f"repetition_penalty must be > 0 (1.0 is off) and finite, got {repetition_penalty}")
     if window_shift is not None and not (type(window_shift) is int and window_shift >= 1):
         die(f"window_shift must be a whole number >= 1 or None, got {window_shift!r}")
     if start.startswith('FILE:'):
@@ -104,25 +108,43 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
 
     torch.manual_seed(seed)
     t0 = time.time()
-    if num_samples == 1:
-        story = []  # the new tokens, shown as they come
+    new = [[] for _ in range(num_samples)]  # every story's new tokens, as they come
 
-        def new_tokens():
-            for t in model.stream(x, max_new_tokens, **options):
-                if stop_at_eot and t.item() == enc.eot_token:
-                    return
-                story.append(t.item())
-                yield story[-1]
+    def steps():
+        """Run the model, adding each step's tokens to the stories; yield the first story's, to show it as it comes."""
+        for step in model.stream(x, max_new_tokens, **options):
+            for row, t in zip(new, step[:, 0].tolist()):
+                row.append(t)
+            if not (stop_at_eot and new[0][-1] == enc.eot_token):
+                yield new[0][-1]
 
-        print(start, end='', flush=True)
-        for text in decode_utf8(new_tokens(), enc):
-            print(text, end='', flush=True)
-        print()
-        stories = [story]
-    else:
-        y = model.generate(x, max_new_tokens, **options)[:, x.size(1):].tolist()
-        stories = [row[:row.index(enc.eot_token)] if stop_at_eot and enc.eot_token in row else row for row in y]
-        print('\n---------------\n'.join(start + ''.join(decode_utf8(row, enc)) for row in stories))
+    def cut(row):
+        return row[:row.index(enc.eot_token)] if stop_at_eot and enc.eot_token in row else row
+
+    try:
+        interrupted = False
+        try:
+            if num_samples == 1:
+                print(start, end='', flush=True)
+                for text in decode_utf8(steps(), enc):
+                    print(text, end='', flush=True)
+            else:
+                for _ in steps():
+                    pass
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C: show what exists of every story
+        if num_samples == 1:
+            print(flush=True)
+        else:
+            print('\n---------------\n'.join(start + ''.join(decode_utf8(cut(row), enc)) for row in new), flush=True)
+    except BrokenPipeError:
+        # the reader went away (`python sample.py | head`): stop as `cat` would, with 128 + SIGPIPE, and
+        # point stdout at /dev/null so that Python's own flush at exit does not fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     dt = time.time() - t0
-    n = sum(len(s) for s in stories)
+    n = sum(len(cut(row)) for row in new)
     log(f"{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s")
+    if interrupted:
+        log("interrupted")
+        sys.exit(130)  # 128 + SIGINT, as a shell reports a Ctrl-C

@@ -126,14 +126,33 @@ def test_command_line_writes_json(setup, tmp_path):
     assert os.listdir(tmp_path) == ['e.json']  # no temporary file left behind
 
 
+@pytest.mark.parametrize('arg, message', [('--split=nope', "split must be train or validation, .*got 'nope'"),
+                                           ('--split=', 'split must be'), ('--ckpt=', 'ckpt must be'),
+                                           ('--batch_size=0', 'batch_size must be at least 1'),
+                                           ('--max_tokens=-1', 'max_tokens must be >= 0')])
+def test_settings_out_of_range_are_errors_before_loading(tmp_path, arg, message):
+    with pytest.raises(SystemExit, match=f'^error: {message}'):
+        evaluate(tmp_path, arg)  # no checkpoint in tmp_path: caught before loading one
+
+
 def test_errors(setup, tmp_path):
     root, model, _ = setup
-    with pytest.raises(SystemExit, match='^error: no .*nope.bin'):
-        evaluate(root, '--split=nope')
     with pytest.raises(SystemExit, match='^error: no checkpoint at'):
         evaluate(tmp_path)
     torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS}, tmp_path / 'last.pt')
     with pytest.raises(SystemExit, match='^error: .*last.pt does not say which data .*--data_dir'):
         evaluate(tmp_path, '--ckpt=last')
-    with pytest.raises(SystemExit, match='^error: batch_size must be at least 1'):
-        evaluate(root, '--batch_size=0')
+
+
+def test_truncated_bin_is_one_error_line(setup, tmp_path):
+    """A .bin cut short (a copy that stopped, a full disk) no longer holds what meta.json lists."""
+    root, _, tokens = setup
+    write_split(tmp_path / 'data', 'validation', tokens)
+    with open(tmp_path / 'data' / 'validation.bin', 'r+b') as f:
+        f.truncate(2 * 100)
+    run = subprocess.run([sys.executable, 'eval.py', f'--out_dir={root}', f'--data_dir={tmp_path / "data"}'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stdout == ''
+    assert run.stderr.splitlines()[-1] == (f"error: {tmp_path / 'data' / 'validation.bin'} does not hold the 138 uint16 "
+                                       "tokens that meta.json lists (truncated or replaced?): run prepare.py again with --force=True")
+    assert 'Traceback' not in run.stderr

@@ -102,16 +102,30 @@ def test_stream_yields_the_generated_tokens():
     assert torch.equal(streamed, model.generate(idx, 7, temperature=0))
 
 
-def test_eos_stops_each_row():
-    model = tiny()
-    idx = torch.randint(97, (2, 3))
-    greedy = model.generate(idx, 10, temperature=0)
-    eos = greedy[0, 5].item()  # the third token row 0 generates
-    out = model.generate(idx, 10, temperature=0, eos_token=eos)
-    assert (out[0, 5:] == eos).all()
-    row1 = greedy[1, 3:].tolist()
-    if eos not in row1:  # row 1 never stops, so the stream runs its full length
-        assert out.shape[1] == 13 and torch.equal(out[1], greedy[1])
+def scripted(rows):
+    """A tiny GPT whose forward pass ignores its input: at step i, row r's likeliest token is rows[r][i]."""
+    model, steps = tiny(), iter(range(100))
+    def forward(idx, targets=None, cache=None):
+        i, logits = next(steps), torch.zeros(len(rows), 1, 97)
+        for r, row in enumerate(rows):
+            logits[r, 0, row[i]] = 1.0
+        return logits, None
+    model.forward = forward
+    return model
+
+
+def test_end_of_text_ends_each_row_then_the_stream():
+    eos, start = 9, torch.zeros(2, 1, dtype=torch.long)
+    rows = [[1, eos, 2, 3, 4, 5, 6, 7], [1, 2, 3, eos, 4, 5, 6, 7]]
+    # row 0 keeps emitting eos though its model says 2, 3; once row 1 is done too, the stream ends
+    out = scripted(rows).generate(start, 8, temperature=0, eos_token=eos)
+    assert out[:, 1:].tolist() == [[1, eos, eos, eos], [1, 2, 3, eos]]
+    # while one row is unfinished, the stream runs its full length
+    rows[1][3] = 8
+    out = scripted(rows).generate(start, 8, temperature=0, eos_token=eos)
+    assert out[:, 1:].tolist() == [[1] + [eos] * 7, rows[1]]
+    # without eos_token, eos is a token like any other
+    assert scripted(rows).generate(start, 8, temperature=0)[:, 1:].tolist() == rows
 
 
 def test_top_k_and_top_p_restrict_choices():
@@ -140,7 +154,15 @@ def test_bad_generation_options(kw):
         tiny().generate(torch.zeros(1, 1, dtype=torch.long), 2, **kw)
 
 
-def test_estimate_mfu_uses_given_peak():
-    model = tiny()
-    mfu = model.estimate_mfu(fwdbwd_per_iter=4, dt=1.0, peak_flops=1e9)
-    assert mfu == pytest.approx(model.flops_per_token() * 16 * 4 / 1e9)
+def test_flops_and_mfu_by_hand():
+    """PaLM appendix B, as nanoGPT counts: 6 FLOPs per parameter per token (2 forward, 4 backward)
+    plus 12 * n_layer * n_head * head_size * block_size for attention's scores and weighted sum."""
+    model = tiny()  # 2 layers, 2 heads, n_embd 32 (head_size 16), block_size 16, vocab 97, biases
+    # a layer: ln_1 2*32, c_attn 32*96+96, attention's c_proj 32*32+32, ln_2 2*32, c_fc 32*128+128, MLP's c_proj 128*32+32
+    assert 64 + 3168 + 1056 + 64 + 4224 + 4128 == 12704
+    # 2 layers, the token embedding (also the output layer), ln_f; the position embedding is left out
+    assert model.get_num_params() == 2 * 12704 + 97 * 32 + 64 == 28576
+    assert model.flops_per_token() == 6 * 28576 + 12 * 2 * 2 * 16 * 16 == 183744
+    # 4 sequences of 16 tokens in 2 s on a 1 GFLOP/s device
+    assert model.estimate_mfu(fwdbwd_per_iter=4, dt=2.0, peak_flops=1e9) == pytest.approx(183744 * 64 / 2 / 1e9)
+    assert 183744 * 64 / 2 / 1e9 == pytest.approx(0.005879808)

@@ -14,6 +14,7 @@ import pytest
 import tiktoken
 
 from conftest import ROOT, TINYSTORIES, needs_shared, needs_tokenizer
+import common
 import prepare
 
 PREPARE = os.path.join(ROOT, 'prepare.py')
@@ -180,8 +181,32 @@ def test_rerun_skips_unless_forced_or_changed(tmp_path, monkeypatch, capsys):
     assert prepared('--max_docs=10')
 
 
+def snapshot(data_dir):
+    return {name: (data_dir / name).read_bytes() for name in sorted(os.listdir(data_dir))}
+
+
+def usable(data_dir):
+    """What train.py and eval.py read: meta.json and both splits, checked against each other."""
+    meta = common.read_meta(str(data_dir))
+    return {split: len(common.open_split(str(data_dir), meta, split)) for split in ('train', 'validation')}
+
+
 @needs_tokenizer
-def test_interrupted_run_leaves_no_bin_and_no_meta(tmp_path, monkeypatch):
+def test_failed_rerun_keeps_the_old_data(tmp_path, monkeypatch):
+    """--force=True with a source that fails once the train split is written: the old data stays."""
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
+    before, counts = snapshot(tmp_path / 'd'), usable(tmp_path / 'd')
+    assert sorted(before) == ['meta.json', 'train.bin', 'validation.bin']
+    (tmp_path / 'blank.jsonl').write_text('{"text": ""}\n')
+    new = write_txt(tmp_path / 'new.txt', STORIES[:5])
+    error(monkeypatch, f'--source={new}', f'--val_source={tmp_path / "blank.jsonl"}', '--force=True',
+          f'--data_dir={tmp_path / "d"}')
+    assert snapshot(tmp_path / 'd') == before and usable(tmp_path / 'd') == counts
+
+
+@needs_tokenizer
+def test_interrupted_run_keeps_the_old_data_and_leaves_nothing_new(tmp_path, monkeypatch):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
     encode, calls = tiktoken.Encoding.encode_ordinary, []
@@ -191,14 +216,34 @@ def test_interrupted_run_leaves_no_bin_and_no_meta(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return encode(self, text)
     monkeypatch.setattr(tiktoken.Encoding, 'encode_ordinary', interrupted)
+    before = snapshot(tmp_path / 'd')
     for data_dir in ('d', 'fresh'):  # over a finished run, and into a new directory
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             run_prepare(monkeypatch, f'--source={src}', '--batch_size=4', '--num_threads=1', '--force=True',
                         f'--data_dir={tmp_path / data_dir}')
-        left = sorted(os.listdir(tmp_path / data_dir))
-        assert 'meta.json' not in left and not any('.tmp' in f for f in left)
-    assert left == []
+    assert snapshot(tmp_path / 'd') == before
+    assert os.listdir(tmp_path / 'fresh') == []
+
+
+@needs_tokenizer
+def test_stale_temporary_files_are_removed(tmp_path, monkeypatch):
+    """kill -9 leaves NAME.tmpPID files: removed at start once process PID is gone, kept while it runs."""
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
+    dead = subprocess.Popen([sys.executable, '-c', '']); dead.wait()
+    alive = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        for name in (f'train.bin.tmp{dead.pid}', f'meta.json.tmp{dead.pid}', f'train.bin.tmp{alive.pid}', 'notes.tmpx'):
+            (tmp_path / 'd' / name).write_text('partial')
+        run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')  # nothing else to do
+        assert sorted(os.listdir(tmp_path / 'd')) == sorted(
+            ['meta.json', 'train.bin', 'validation.bin', f'train.bin.tmp{alive.pid}', 'notes.tmpx'])
+    finally:
+        alive.kill()
+        alive.wait()
+    assert common.remove_stale_temps(str(tmp_path / 'd')) == [str(tmp_path / 'd' / f'train.bin.tmp{alive.pid}')]
+    assert common.remove_stale_temps(str(tmp_path / 'nowhere')) == []
 
 
 def error(monkeypatch, *args):
@@ -238,6 +283,27 @@ def test_bad_inputs_give_one_error_line_and_no_files(tmp_path, monkeypatch):
 
 
 @needs_tokenizer
+@pytest.mark.parametrize('values, kind', [([5, 7], 'int64'), ([1.5, 2.5], 'double'), ([['a'], ['b']], 'list'),
+                                          (['a', 7], 'mixed')])
+def test_text_field_that_is_not_text_is_named(tmp_path, monkeypatch, values, kind):
+    (tmp_path / 'nums.jsonl').write_text(''.join(json.dumps({'story': v}) + '\n' for v in values))
+    good = write_txt(tmp_path / 'stories.txt', STORIES)
+    msg = error(monkeypatch, f'--source={tmp_path / "nums.jsonl"}', '--text_field=story', f'--val_source={good}',
+                f'--data_dir={tmp_path / "d"}')
+    assert "field 'story' holds" in msg and 'not text' in msg and '--text_field' in msg
+    assert not (tmp_path / 'd').exists()
+
+
+@pytest.mark.parametrize('arg', ['--batch_size=0', '--num_threads=-1', '--val_fraction=0', '--val_fraction=1.0',
+                                 '--max_docs=-1', '--seed=-1', '--source=', '--data_dir='])
+def test_settings_out_of_range_are_one_error_line_before_any_work(tmp_path, monkeypatch, arg):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    setting = arg[2:arg.index('=')]
+    assert error(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}', arg).startswith(f'error: {setting}')
+    assert not (tmp_path / 'd').exists()
+
+
+@needs_tokenizer
 def test_default_hub_source_offline_fails_fast_with_a_hint(tmp_path, monkeypatch):
     start = time.time()
     msg = error(monkeypatch, f'--data_dir={tmp_path / "d"}')
@@ -252,3 +318,10 @@ def test_command_line_error_exit_status(tmp_path):
     assert r.returncode == 1 and r.stdout == ''
     assert r.stderr.strip().splitlines()[-1] == f"error: no such file or directory: {tmp_path / 'missing.txt'}"
     assert not (tmp_path / 'd').exists()
+
+
+def test_prepare_does_not_import_torch():
+    """prepare.py and the helpers it shares in common.py need no torch: importing it costs ~1 s and ~300 MB."""
+    r = subprocess.run([sys.executable, '-c', "import prepare, common, sys; assert 'torch' not in sys.modules"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

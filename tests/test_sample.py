@@ -1,6 +1,7 @@
 import io
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -82,7 +83,7 @@ def test_command_line(chain, tmp_path):
     run = subprocess.run([sys.executable, 'sample.py', f'--out_dir={tmp_path}', '--temperature=-1'],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stdout == ''
-    assert run.stderr.splitlines()[-1] == 'error: temperature must be >= 0 (0 is greedy), got -1.0'
+    assert run.stderr.splitlines()[-1] == 'error: temperature must be >= 0 (0 is greedy) and finite, got -1.0'
 
 
 def test_same_seed_same_stories_other_seed_other_stories(random_dir):
@@ -121,6 +122,69 @@ def test_sampling_options_reach_the_model(random_dir):
     assert story(random_dir, *args, '--temperature=0', '--repetition_penalty=100.0') != greedy
 
 
+@pytest.mark.parametrize('temperature', [1e-37, 1e-45, 1e-300, 5e-324])
+def test_tiny_temperature_is_greedy(temperature):
+    """Dividing by a temperature this small overflows float32 logits (inf - inf = NaN, and every
+    token became the last id, <|endoftext|>); in the limit it is greedy."""
+    from model import sample_logits
+    logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(0)) * 10
+    assert torch.equal(sample_logits(logits.clone(), temperature), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_logits(logits.clone(), temperature, top_k=5, top_p=0.9), logits.argmax(-1, keepdim=True))
+
+
+def test_tiny_temperature_story_is_the_greedy_one(random_dir):
+    args = ['--start=Once', '--max_new_tokens=8', '--num_samples=2']
+    assert story(random_dir, *args, '--temperature=1e-45') == story(random_dir, *args, '--temperature=0')
+
+
+@pytest.mark.parametrize('num_samples', [1, 3])
+def test_ctrl_c_prints_what_exists_of_every_story(chain, monkeypatch, num_samples):
+    """KeyboardInterrupt after two tokens: each story so far is printed, and the exit status is 130."""
+    stream = GPT.stream
+    def interrupted(self, *args, **kwargs):
+        for i, token in enumerate(stream(self, *args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield token
+    monkeypatch.setattr(GPT, 'stream', interrupted)
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={chain}', '--start=Once', f'--num_samples={num_samples}'])
+    with pytest.raises(SystemExit) as e, redirect_stdout(out), redirect_stderr(err):
+        try:
+            runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
+        except KeyboardInterrupt:
+            pytest.fail('the KeyboardInterrupt escaped sample.py')
+    assert e.value.code == 130
+    assert out.getvalue() == '\n---------------\n'.join(['Once one two'] * num_samples) + '\n'
+    assert 'interrupted' in err.getvalue()
+
+
+def popen(out_dir, *args):
+    return subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={out_dir}', '--start=Once', *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def test_sigint_during_a_long_story_exits_130_without_a_traceback(random_dir):
+    run = popen(random_dir, '--max_new_tokens=1000000', '--stop_at_eot=False')
+    shown = os.read(run.stdout.fileno(), 1000)  # the story has begun
+    run.send_signal(signal.SIGINT)
+    rest, err = run.communicate(timeout=60)
+    assert run.returncode == 130, err
+    assert (shown + rest).startswith(b'Once') and rest.endswith(b'\n') and b'Traceback' not in err
+
+
+@pytest.mark.parametrize('num_samples', [1, 2])
+def test_a_closed_pipe_ends_quietly(random_dir, num_samples):
+    """`python sample.py | head -c 4`: the reader goes away, sample.py stops without a traceback."""
+    run = popen(random_dir, f'--num_samples={num_samples}', '--stop_at_eot=False',
+                f'--max_new_tokens={1000000 if num_samples == 1 else 5}')
+    if num_samples == 1:
+        os.read(run.stdout.fileno(), 4)
+    run.stdout.close()
+    err = run.stderr.read()
+    assert run.wait(timeout=60) == 141 and b'Traceback' not in err and b'BrokenPipe' not in err, err
+
+
 def test_prompt_from_a_file(chain, tmp_path):
     (tmp_path / 'prompt.txt').write_text('Once')
     assert story(chain, f'--start=FILE:{tmp_path / "prompt.txt"}') == 'Once one two three\n'
@@ -151,10 +215,22 @@ def test_bad_checkpoints(tmp_path, what, message):
     ('--top_p=x', 'top_p must be'), ('--top_k=0', 'top_k must be'), ('--num_samples=0', 'num_samples must be'),
     ('--max_new_tokens=0', 'max_new_tokens must be'), ('--repetition_penalty=0', 'repetition_penalty must be'),
     ('--window_shift=0', 'window_shift must be'), ('--dtype=float16', 'dtype=float16 is for GPUs'),
+    ('--temperature=1e999', 'temperature must be'), ('--repetition_penalty=1e999', 'repetition_penalty must be'),
+    ('--ckpt=', 'ckpt must be'),
     ('--temprature=1', "unknown config key 'temprature'")])
 def test_bad_options_are_errors_before_loading(tmp_path, arg, message):
     with pytest.raises(SystemExit, match=f'^error: {message}'):
         sample(tmp_path, arg)  # no checkpoint in tmp_path: caught before loading one
+
+
+@pytest.mark.parametrize('device, message', [('gpu', 'device=gpu is not one of auto, cpu, cuda, cuda:N, mps'),
+                                             ('cuda:99', 'device=cuda:99 is not available here'),
+                                             ('mps', 'device=mps is not available here')])
+def test_unknown_or_missing_device_is_named_before_loading(tmp_path, device, message):
+    if device == 'mps' and torch.backends.mps.is_available():
+        pytest.skip('this machine has mps')
+    with pytest.raises(SystemExit, match=f'^error: {message}.*this machine has cpu'):
+        sample(tmp_path, f'--device={device}')  # no checkpoint in tmp_path: caught before loading one
 
 
 def test_window_shift_past_block_size(random_dir):
