@@ -68,7 +68,7 @@ min_lr = 1e-4  # about learning_rate / 10
 # system
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bf16 where fast, fp16 on GPUs without bf16, else fp32), 'float32', 'bfloat16', 'float16'
-compile = None  # torch.compile the model; None: on CUDA only
+compile: bool | None = None  # torch.compile the model; None: on CUDA only
 backend = 'auto'  # DDP backend: 'auto' (nccl on CUDA, gloo on the CPU), 'nccl' or 'gloo'
 seed = 1337
 peak_flops = 0.0  # the MFU's denominator in FLOP/s; 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
