@@ -6,8 +6,11 @@ Config for the flat scripts, nanoGPT-style. A script defines its defaults as glo
 applies, in order, the Python config files given as bare arguments and the --key=value
 overrides, and leaves `config`, a dict of every setting, in the script's globals.
   $ python train.py config/small.py --batch_size=16 --compile=False
-Unlike nanoGPT, mistakes (unknown key, wrong type, missing file, malformed argument) end the
-run with one readable line instead of an assert.
+A setting takes the type of its default; one whose default is None (or that may be None)
+declares its types with an annotation, `compile: bool | None = None`. A config file runs with
+the settings so far visible (`lr_decay_iters = max_iters`). Unlike nanoGPT, mistakes (unknown
+key, wrong type, a config file that is missing or fails) end the run with one readable line
+instead of an assert or a traceback.
 """
 import ast
 import builtins
