@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -33,47 +34,57 @@ from model import GPT, GPTConfig
 # I/O
 out_dir = 'out-small'  # last.pt, best.pt, metrics.jsonl and loss.png go here
 data_dir = 'data/tinystories'  # train.bin, validation.bin and meta.json from prepare.py
-eval_interval = 250  # steps between evaluations, each followed by a checkpoint
-log_interval = 10  # steps between log lines
-eval_iters = 100  # batches per split in an evaluation
+eval_interval = 250  # steps between evaluations, each followed by a checkpoint (>= 1)
+log_interval = 10  # steps between log lines (>= 1)
+eval_iters = 100  # batches per split in an evaluation (>= 1)
 eval_only = False  # print the train and validation loss of the model init_from gives, then exit
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/last.pt) or the path of a checkpoint to fine-tune
-patience = 0  # stop after this many evaluations without a better validation loss (0 = never)
+patience = 0  # stop after this many evaluations without a better validation loss (>= 0; 0 = never)
 tensorboard_log = False  # also log to TensorBoard, in out_dir/tensorboard (pip install tensorboard)
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = 'tinystories'
 wandb_run_name = 'gpt'
 # data
-batch_size = 64  # sequences per micro-step, in each process
+batch_size = 64  # sequences per micro-step, in each process (>= 1)
 gradient_accumulation_steps = 2  # micro-steps per optimizer step, summed over all DDP processes
-block_size = 128  # context length in tokens
+block_size = 128  # context length in tokens (>= 1)
 # model: config/small.py's shape
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.1
+n_layer = 6  # >= 1
+n_head = 6  # >= 1
+n_embd = 384  # a multiple of n_head
+dropout = 0.1  # in [0, 1)
 bias = True  # biases in Linears and LayerNorms
 # AdamW
-learning_rate = 1e-3  # peak learning rate
-max_iters = 5000  # optimizer steps in all
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.99  # a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
-grad_clip = 1.0  # clip the gradient norm to this (0 = no clipping)
+learning_rate = 1e-3  # peak learning rate (> 0)
+max_iters = 5000  # optimizer steps in all (>= 0)
+weight_decay = 0.1  # >= 0
+beta1 = 0.9  # in [0, 1)
+beta2 = 0.99  # in [0, 1); a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
+grad_clip = 1.0  # clip the gradient norm to this (>= 0; 0 = no clipping)
 # learning rate schedule: linear warmup, then cosine decay
 decay_lr = True  # False keeps learning_rate throughout
-warmup_iters = 200
-lr_decay_iters = 5000  # about max_iters
-min_lr = 1e-4  # about learning_rate / 10
+warmup_iters = 200  # >= 0
+lr_decay_iters = 5000  # about max_iters; >= warmup_iters
+min_lr = 1e-4  # about learning_rate / 10 (>= 0)
 # system
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bf16 where fast, fp16 on GPUs without bf16, else fp32), 'float32', 'bfloat16', 'float16'
 compile: bool | None = None  # torch.compile the model; None: on CUDA only
 backend = 'auto'  # DDP backend: 'auto' (nccl on CUDA, gloo on the CPU), 'nccl' or 'gloo'
 seed = 1337
-peak_flops = 0.0  # the MFU's denominator in FLOP/s; 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
+peak_flops = 0.0  # the MFU's denominator in FLOP/s (>= 0); 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# every setting's range, in one place, before anything is read or written (ordered: n_head >= 1 comes before n_embd % n_head)
+for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'patience >= 0', 'batch_size >= 1',
+             'gradient_accumulation_steps >= 1', 'block_size >= 1', 'n_layer >= 1', 'n_head >= 1', 'n_embd >= 1',
+             'n_embd % n_head == 0', '0 <= dropout < 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
+             '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', 'warmup_iters >= 0', 'min_lr >= 0',
+             'not decay_lr or lr_decay_iters >= warmup_iters', 'peak_flops >= 0', "backend in ('auto', 'nccl', 'gloo')",
+             "dtype in ('auto', 'float32', 'bfloat16', 'float16')"):
+    if not eval(rule, {}, config):
+        got = ', '.join(f'{k}={config[k]!r}' for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in config)
+        die(f"need {rule}, got {got}")
 # -----------------------------------------------------------------------------
 
 # torchrun starts one process per device and tells each its RANK, LOCAL_RANK and WORLD_SIZE

@@ -3,9 +3,11 @@ outputs, exact resume, fine-tuning, early stopping, signals, divergence, DDP and
 import importlib.util
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -235,3 +237,35 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     run = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', f'--data_dir={tmp_path}'],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert_error(run, 'run prepare.py first')  # it took every setting; only the data is missing
+
+
+@pytest.mark.parametrize('arg, rule', [
+    ('--eval_iters=0', 'eval_iters >= 1'), ('--gradient_accumulation_steps=0', 'gradient_accumulation_steps >= 1'),
+    ('--gradient_accumulation_steps=-2', 'gradient_accumulation_steps >= 1'), ('--grad_clip=-1', 'grad_clip >= 0'),
+    ('--max_iters=-1', 'max_iters >= 0'), ('--patience=-1', 'patience >= 0'), ('--batch_size=0', 'batch_size >= 1'),
+    ('--block_size=0', 'block_size >= 1'), ('--eval_interval=0', 'eval_interval >= 1'),
+    ('--log_interval=0', 'log_interval >= 1'), ('--n_layer=0', 'n_layer >= 1'), ('--n_head=0', 'n_head >= 1'),
+    ('--n_embd=33', 'n_embd % n_head == 0, got n_embd=33, n_head=2'), ('--dropout=1.5', '0 <= dropout < 1'),
+    ('--dropout=-0.1', '0 <= dropout < 1'), ('--learning_rate=0', 'learning_rate > 0'),
+    ('--learning_rate=-1e-3', 'learning_rate > 0'), ('--min_lr=-1e-3', 'min_lr >= 0'), ('--beta1=1', '0 <= beta1 < 1'),
+    ('--beta2=1.5', '0 <= beta2 < 1'), ('--weight_decay=-0.1', 'weight_decay >= 0'), ('--warmup_iters=-1', 'warmup_iters >= 0'),
+    ('--lr_decay_iters=1', 'not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr=True, lr_decay_iters=1, warmup_iters=2'),
+    ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
+    ('--dtype=fp8', "dtype in ('auto', 'float32', 'bfloat16', 'float16')"),
+])
+def test_a_setting_out_of_range_stops_before_any_work(arg, rule, tmp_path, monkeypatch):
+    # in this process, where torch is already imported: the check must come before data, model and files
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out', *TINY, arg])
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value) and rule in str(e.value)
+    assert time.time() - t0 < 2 and os.listdir(tmp_path) == []
+
+
+def test_settings_out_of_range_on_the_command_line(tmp_path):
+    run = train(tmp_path / 'data', tmp_path / 'out', '--eval_iters=0', ok=False)
+    assert_error(run, 'need eval_iters >= 1, got eval_iters=0')
+    run = train(tmp_path / 'data', tmp_path / 'out', '--compile=false', ok=False)
+    assert_error(run, "compile must be True, False or None, got 'false'")
+    assert os.listdir(tmp_path) == []
