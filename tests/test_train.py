@@ -20,7 +20,7 @@ from conftest import ROOT
 VOCAB = 64
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=8',
         '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1', '--warmup_iters=2',
-        '--learning_rate=1e-2', '--min_lr=1e-3', '--device=cpu']
+        '--learning_rate=1e-2', '--min_lr=1e-3', '--device=cpu', '--dtype=float32']
 # a tiny model on a busy 2-core machine runs far faster on one thread than waiting for a second
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
@@ -96,6 +96,20 @@ def test_a_run_writes_checkpoints_metrics_and_plot_and_learns(trained):
     best = load_checkpoint(os.path.join(trained, 'best.pt'))
     assert best['iter_num'] == min(evals, key=lambda r: r['val_loss'])['iter']
 
+
+
+def test_learning_rate_schedule(data, trained, tmp_path):
+    """Linear warmup to learning_rate, cosine down to min_lr at lr_decay_iters, then min_lr: values by hand.
+    A step row of metrics.jsonl at iter k logs the lr of step k - 1; an evaluation row, that of step k."""
+    step_lr = {r['iter'] - 1: r['lr'] for r in metrics(trained) if 'loss' in r}
+    # warmup_iters=2, learning_rate=1e-2, min_lr=1e-3, lr_decay_iters=30: halfway through the cosine at 2 + 28 / 2
+    assert [step_lr[0], step_lr[1], step_lr[2]] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])
+    assert step_lr[16] == pytest.approx(1e-3 + 0.5 * 9e-3)
+    assert step_lr[9] == pytest.approx(1e-3 + 9e-3 * (1 + np.cos(np.pi * 7 / 28)) / 2)
+    train(data, tmp_path, '--max_iters=7', '--eval_interval=100', '--warmup_iters=0', '--lr_decay_iters=4')
+    lrs = [r['lr'] for r in metrics(tmp_path) if 'loss' in r]
+    assert lrs == pytest.approx([1e-2, 1e-3 + 9e-3 * (1 + np.cos(np.pi / 4)) / 2, 5.5e-3,
+                                 1e-3 + 9e-3 * (1 + np.cos(3 * np.pi / 4)) / 2, 1e-3, 1e-3, 1e-3])  # the floor past 4
 
 def test_resume_is_exact(data, tmp_path):
     # dropout and accumulation exercise the random state and the optimizer state in the checkpoint
