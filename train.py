@@ -46,7 +46,9 @@ wandb_project = 'tinystories'
 wandb_run_name = 'gpt'
 # data
 batch_size = 64  # sequences per micro-step, in each process (>= 1)
-gradient_accumulation_steps = 2  # micro-steps per optimizer step, summed over all DDP processes
+# micro-steps per optimizer step, summed over all DDP processes (>= 1); each of N processes runs
+# ceil(gradient_accumulation_steps / N) of them, so a step holds at least as many tokens as asked, on any N
+gradient_accumulation_steps = 2
 block_size = 128  # context length in tokens (>= 1)
 # model: config/small.py's shape
 n_layer = 6  # >= 1
@@ -91,9 +93,7 @@ for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'pati
 ddp = 'RANK' in os.environ
 rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 master_process = rank == 0  # the one process that logs and writes files
-if gradient_accumulation_steps % world_size:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-gradient_accumulation_steps //= world_size
+gradient_accumulation_steps = -(-gradient_accumulation_steps // world_size)  # per process, rounded up
 device = get_device(device)
 device_type = device.split(':')[0]
 if ddp:
@@ -312,8 +312,9 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 if master_process:
-    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, "
-        f"{world_size} x {device}, {dtype}")
+    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step ({world_size} processes "
+        f"x {gradient_accumulation_steps} micro-step{'s' * (gradient_accumulation_steps > 1)} x {batch_size} x "
+        f"{block_size} tokens), {world_size} x {device}, {dtype}")
 run_start = time.time()
 bar = tqdm(total=max_iters, initial=iter_num, unit='step', disable=None if master_process else True)
 resumed_at = iter_num if init_from == 'resume' else -1  # its checkpoint was saved after that step's evaluation
