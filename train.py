@@ -188,15 +188,19 @@ if init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
     if checkpoint['scaler']:
         scaler.load_state_dict(checkpoint['scaler'])
-    if ddp:  # the checkpoint holds rank 0's random state only: fresh, distinct streams instead
-        torch.manual_seed(seed + rank + iter_num)
-    else:  # the same batches and dropout masks as a run that never stopped
-        rng = checkpoint['rng']
+    rngs = checkpoint['rng']  # one per process
+    if len(rngs) == world_size:  # the same batches and dropout masks as a run that never stopped
+        rng = rngs[rank]
         random.setstate(rng['python'])
         np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
         torch.set_rng_state(rng['torch'].cpu())
         if device_type == 'cuda' and rng['cuda'] is not None:
             torch.cuda.set_rng_state(rng['cuda'].cpu())
+    else:
+        if master_process:
+            log(f"warning: {ckpt_path} holds the random states of {len(rngs)} processes, not {world_size}: "
+                "each process starts a fresh stream, so this run will not repeat the batches of one that never stopped")
+        torch.manual_seed(seed + rank + iter_num)  # distinct, and not the streams of the first steps again
 checkpoint = None  # free its memory
 
 raw_model = model  # the bare model: its state_dict has no compile or DDP prefixes
@@ -280,7 +284,17 @@ def plot_losses():
 
 
 def save_checkpoint(names):
+    """Every process calls it: each one's random state goes in, so that resume is exact under DDP too."""
     np_state = np.random.get_state()
+    # plain tensors, tuples and ints, so that torch.load(weights_only=True) reads them back
+    rng = {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+           'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    rngs = [rng]
+    if ddp:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng)
+    if not master_process:
+        return
     checkpoint = {
         'model': raw_model.state_dict(),
         'model_args': model_args,
@@ -289,9 +303,7 @@ def save_checkpoint(names):
         'config': config,
         'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-        # plain tensors, tuples and ints, so that torch.load(weights_only=True) reads them back
-        'rng': {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
-                'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None},
+        'rng': rngs,  # rank by rank
     }
     for name in names:
         with atomic_output(os.path.join(out_dir, name)) as tmp:  # a kill mid-write keeps the old file
@@ -339,7 +351,7 @@ while True:
                       + (" (best)" if improved else ""), file=sys.stderr)
             record(iter=iter_num, train_loss=train_loss, val_loss=val_loss, lr=lr)
             plot_losses()
-            save_checkpoint(['last.pt', 'best.pt'] if improved else ['last.pt'])
+        save_checkpoint(['last.pt', 'best.pt'] if improved else ['last.pt'])
         saved_at = iter_num
     if patience and evals_since_best >= patience:
         if master_process:
@@ -390,7 +402,7 @@ bar.close()
 if master_process:
     log(f"stopped at iter {iter_num} after {(time.time() - run_start) / 60:.1f} min; best val loss {best_val_loss:.4f}")
 
-if stop and saved_at != iter_num and master_process:
+if stop and saved_at != iter_num:
     save_checkpoint(['last.pt'])
 if ddp:
     # a real check that DDP did its job: every process must end with the same weights
