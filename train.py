@@ -39,6 +39,7 @@ log_interval = 10  # steps between log lines (>= 1)
 eval_iters = 100  # batches per split in an evaluation (>= 1)
 eval_only = False  # print the train and validation loss of the model init_from gives, then exit
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/last.pt) or the path of a checkpoint to fine-tune
+overwrite = False  # let a new run (from scratch or fine-tuning) replace the best.pt and last.pt already in out_dir
 patience = 0  # stop after this many evaluations without a better validation loss (>= 0; 0 = never)
 tensorboard_log = False  # also log to TensorBoard, in out_dir/tensorboard (pip install tensorboard)
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
@@ -88,6 +89,12 @@ for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'pati
         got = ', '.join(f'{k}={config[k]!r}' for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in config)
         die(f"need {rule}, got {got}")
 # -----------------------------------------------------------------------------
+
+# a new run would replace a trained model and reset its metrics.jsonl: only when asked to
+trained = [name for name in ('best.pt', 'last.pt') if os.path.exists(os.path.join(out_dir, name))]
+if trained and init_from != 'resume' and not eval_only and not overwrite:
+    die(f"{out_dir} already holds {', '.join(trained)} from an earlier run: continue it with --init_from=resume, "
+        "choose another --out_dir, or replace it with --overwrite=True")
 
 # torchrun starts one process per device and tells each its RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ

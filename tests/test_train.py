@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,24 @@ def test_finetune_from_a_checkpoint_with_a_shorter_block(data, trained, tmp_path
     first = metrics(tmp_path)[0]
     assert first['iter'] == 0 and first['val_loss'] < 0.6 * np.log(VOCAB)  # starts from the trained weights
 
+
+
+def test_a_new_run_never_overwrites_a_trained_model(data, trained, tmp_path):
+    out_dir = tmp_path / 'out'
+    shutil.copytree(trained, out_dir)
+    before = {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)}
+    for args in ([], [f'--init_from={trained}/best.pt']):  # from scratch, or fine-tuning
+        run = train(data, out_dir, '--max_iters=2', *args, ok=False)
+        assert_error(run, f'{out_dir} already holds best.pt, last.pt')
+        for way in ('--init_from=resume', 'another --out_dir', '--overwrite=True'):
+            assert way in run.stderr
+        assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == before
+    # what a second `bash run.sh` does: resume, and a finished run ends at once, changing nothing
+    run = train(data, out_dir, '--max_iters=30', '--init_from=resume', '--eval_interval=10', '--lr_decay_iters=30')
+    assert 'stopped at iter 30' in run.stderr
+    assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == before
+    train(data, out_dir, '--max_iters=2', '--overwrite=True')
+    assert load_checkpoint(out_dir / 'last.pt')['iter_num'] == 2
 
 def test_eval_only_prints_the_losses_and_writes_nothing(data, trained, tmp_path):
     run = train(data, tmp_path, f'--init_from={trained}/best.pt', '--eval_only=True')
