@@ -133,6 +133,17 @@ if master_process:
         tempfile.TemporaryFile(dir=out_dir).close()  # fail now, not at the first checkpoint
     except OSError as e:
         die(f"cannot write to out_dir {out_dir}: {e.strerror or e} (choose another --out_dir)")
+    # a kill -9 mid-write leaves atomic_output's NAME.tmpPID behind, as large as a checkpoint
+    for name in os.listdir(out_dir):
+        writer = re.fullmatch(r'.+\.tmp(\d{1,9})', name)
+        try:
+            if writer:
+                os.kill(int(writer[1]), 0)  # signal 0 only asks whether the writing process still exists
+        except ProcessLookupError:
+            os.remove(os.path.join(out_dir, name))
+            log(f"removed {name}, left half-written by a process that was killed")
+        except PermissionError:  # it exists, as another user's
+            pass
     if tensorboard_log:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -358,7 +369,8 @@ while True:
                       + (" (best)" if improved else ""), file=sys.stderr)
             record(iter=iter_num, train_loss=train_loss, val_loss=val_loss, lr=lr)
             plot_losses()
-        save_checkpoint(['last.pt', 'best.pt'] if improved else ['last.pt'])
+        # best.pt first: a kill between the two leaves last.pt recording an older best, never a newer one
+        save_checkpoint(['best.pt', 'last.pt'] if improved else ['last.pt'])
         saved_at = iter_num
     if patience and evals_since_best >= patience:
         if master_process:

@@ -197,6 +197,63 @@ def test_sigterm_finishes_the_step_saves_and_exits(data, tmp_path):
     train(data, tmp_path, '--init_from=resume', f"--max_iters={ckpt['iter_num'] + 2}", '--lr_decay_iters=100000')
 
 
+
+# train.py with its checkpoint writes hooked: HOOK=kill-after-N dies as kill -9 would once N checkpoints are
+# in place, HOOK=kill-in-N dies halfway through writing the Nth, HOOK=full-in-N finds the disk full there
+HOOKED = """
+import contextlib, errno, os, runpy, sys
+import common, torch
+atomic_output, hook, n = common.atomic_output, *os.environ['HOOK'].rsplit('-', 1)
+saved = []
+
+@contextlib.contextmanager
+def hooked_output(path):
+    with atomic_output(path) as tmp:
+        yield tmp
+    saved.extend([path] if path.endswith('.pt') else [])
+    if hook == 'kill-after' and len(saved) == int(n):
+        os._exit(137)
+
+def hooked_save(obj, path):
+    if len(saved) + 1 == int(n) and hook in ('kill-in', 'full-in'):
+        with open(path, 'wb') as f:
+            f.write(b'half a checkpoint')
+        if hook == 'kill-in':
+            os._exit(137)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    torch_save(obj, path)
+
+common.atomic_output, torch_save, torch.save = hooked_output, torch.save, hooked_save
+sys.argv = sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def hooked_train(hook, data_dir, out_dir, *args):
+    cmd = [sys.executable, '-c', HOOKED, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TINY, *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, 'HOOK': hook}, capture_output=True, text=True, timeout=120)
+
+
+def test_a_kill_between_checkpoint_writes_never_leaves_best_pt_behind_last_pt(data, tmp_path):
+    # evaluations at 0 and 5 both improve and write two checkpoints each; die after the third write
+    run = hooked_train('kill-after-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+    assert run.returncode == 137, run.stderr
+    best, last = load_checkpoint(tmp_path / 'best.pt'), load_checkpoint(tmp_path / 'last.pt')
+    assert best['iter_num'] == 5 and last['iter_num'] == 0
+    assert best['best_val_loss'] <= last['best_val_loss']  # the best model is never older than last.pt's record
+
+
+def test_files_a_kill_left_half_written_are_removed_at_the_next_start(data, tmp_path):
+    run = hooked_train('kill-in-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+    assert run.returncode == 137, run.stderr
+    stale = [name for name in os.listdir(tmp_path) if '.pt.tmp' in name]
+    assert len(stale) == 1
+    live = tmp_path / f'last.pt.tmp{os.getpid()}'  # a process still writing it: left alone
+    live.write_bytes(b'')
+    run = train(data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10', '--init_from=resume')
+    assert f'removed {stale[0]}' in run.stderr
+    assert sorted(n for n in os.listdir(tmp_path) if '.tmp' in n) == [live.name]
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     run = train(data, tmp_path, '--learning_rate=1e3', '--grad_clip=0', '--warmup_iters=0', '--eval_interval=1',
                 '--max_iters=50', ok=False)
