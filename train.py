@@ -180,7 +180,16 @@ else:
         die(f"init_from=resume but there is no {ckpt_path} (train first, or check --out_dir)" if init_from == 'resume'
             else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
     checkpoint = load_checkpoint(ckpt_path, device)
-    saved = checkpoint['model_args']
+    saved = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
+    missing = [f"model_args[{k!r}]" for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
+               if k not in saved]
+    if init_from == 'resume':
+        missing += [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in checkpoint]
+        if 'optimizer' in missing:
+            die(f"{ckpt_path} holds no {', '.join(missing)} to resume from (a weights-only file?): "
+                f"fine-tune it instead, --init_from={ckpt_path} with another --out_dir")
+    if missing:
+        die(f"{ckpt_path} lacks {', '.join(missing)}: it is not a complete train.py checkpoint")
     shape = ['n_layer', 'n_head', 'n_embd', 'bias'] + (['block_size'] if init_from == 'resume' else [])
     differ = [f"{k}={saved[k]} (the config says {model_args[k]})" for k in shape if saved[k] != model_args[k]]
     if differ:
@@ -192,7 +201,10 @@ else:
             f"({saved['vocab_size']})")
     model_args['vocab_size'] = saved['vocab_size']
     model = GPT(GPTConfig(**{**model_args, 'block_size': saved['block_size']}))
-    model.load_state_dict(checkpoint['model'])
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:
+        die(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[0]}")
     if block_size < saved['block_size']:
         model.crop_block_size(block_size)
 model.to(device)
@@ -204,7 +216,7 @@ iter_num, best_val_loss = 0, float('inf')
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if checkpoint['scaler']:
+    if checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     rngs = checkpoint['rng']  # one per process
     if len(rngs) == world_size:  # the same batches and dropout masks as a run that never stopped
@@ -324,8 +336,12 @@ def save_checkpoint(names):
         'rng': rngs,  # rank by rank
     }
     for name in names:
-        with atomic_output(os.path.join(out_dir, name)) as tmp:  # a kill mid-write keeps the old file
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_output(os.path.join(out_dir, name)) as tmp:  # a kill mid-write keeps the old file
+                torch.save(checkpoint, tmp)
+        except OSError as e:
+            die(f"cannot save {out_dir}/{name} at iter {iter_num}: {e.strerror or e} (disk full?); it keeps its "
+                "previous version: make room, then continue with --init_from=resume")
 
 
 stop_signal = 0

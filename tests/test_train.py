@@ -254,6 +254,27 @@ def test_files_a_kill_left_half_written_are_removed_at_the_next_start(data, tmp_
     assert f'removed {stale[0]}' in run.stderr
     assert sorted(n for n in os.listdir(tmp_path) if '.tmp' in n) == [live.name]
 
+
+def test_a_full_disk_while_saving_keeps_the_old_checkpoint(data, tmp_path):
+    run = hooked_train('full-in-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+    assert_error(run, 'No space left on device')
+    assert 'keeps its previous version' in run.stderr
+    assert load_checkpoint(tmp_path / 'last.pt')['iter_num'] == 0
+    assert not [name for name in os.listdir(tmp_path) if '.tmp' in name]
+
+
+def test_a_checkpoint_with_missing_keys_is_an_error(data, trained, tmp_path):
+    ckpt = load_checkpoint(os.path.join(trained, 'last.pt'))
+    torch.save({**ckpt, 'model_args': {k: v for k, v in ckpt['model_args'].items() if k != 'n_head'}},
+               tmp_path / 'no-head.pt')
+    run = train(data, tmp_path / 'out', f'--init_from={tmp_path}/no-head.pt', ok=False)
+    assert_error(run, "no-head.pt lacks model_args['n_head']")
+    os.makedirs(tmp_path / 'weights')
+    torch.save({'model': ckpt['model'], 'model_args': ckpt['model_args']}, tmp_path / 'weights' / 'last.pt')
+    run = train(data, tmp_path / 'weights', '--init_from=resume', ok=False)
+    assert_error(run, 'holds no optimizer, iter_num, best_val_loss, rng to resume from')
+    assert f'--init_from={tmp_path}/weights/last.pt' in run.stderr  # fine-tuning it works
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     run = train(data, tmp_path, '--learning_rate=1e3', '--grad_clip=0', '--warmup_iters=0', '--eval_interval=1',
                 '--max_iters=50', ok=False)
