@@ -6,13 +6,17 @@ Config for the flat scripts, nanoGPT-style. A script defines its defaults as glo
 applies, in order, the Python config files given as bare arguments and the --key=value
 overrides, and leaves `config`, a dict of every setting, in the script's globals.
   $ python train.py config/small.py --batch_size=16 --compile=False
-Unlike nanoGPT, mistakes (unknown key, wrong type, missing file, malformed argument) end the
-run with one readable line instead of an assert.
+A setting takes the type of its default; one whose default is None (or that may be None)
+declares its types with an annotation, `compile: bool | None = None`. A config file runs with
+the settings so far visible (`lr_decay_iters = max_iters`). Unlike nanoGPT, mistakes (unknown
+key, wrong type, a config file that is missing or fails) end the run with one readable line
+instead of an assert or a traceback.
 """
 import ast
 import builtins
 import difflib
 import sys
+import types
 
 _CONFIG_TYPES = (int, float, bool, str, type(None), tuple, list)
 
@@ -21,53 +25,90 @@ def _fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-def _check(key, value, defaults, source):
+def _types(key, default, annotations):
+    """The types a setting takes: its annotation's (`top_k: int | None = 200`), else its default's;
+    None for an unannotated setting whose default is None, which takes anything."""
+    declared = annotations.get(key)
+    if isinstance(declared, types.UnionType):  # int | None
+        return declared.__args__
+    if isinstance(declared, type):
+        return (declared,)
+    return None if default is None else (type(default),)
+
+
+def _check(key, value, defaults, annotations, source):
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else " (see the defaults at the top of the script)"
         _fail(f"unknown config key '{key}' in {source}{hint}")
-    default = defaults[key]
-    if default is None or value is None or type(value) is type(default):
+    allowed = _types(key, defaults[key], annotations)
+    if allowed is None or type(value) in allowed:
         return value
-    if type(default) is float and type(value) is int:
+    if float in allowed and type(value) is int:
         return float(value)  # --learning_rate=1 means 1.0
-    if type(default) is int and type(value) is float and value.is_integer():
+    if int in allowed and type(value) is float and value.is_integer():
         return int(value)  # --max_iters=1e4
-    if type(default) is bool:
-        _fail(f"{key} must be True or False, got {value!r} in {source}")
-    _fail(f"{key} expects {type(default).__name__}, got {type(value).__name__} {value!r} in {source}")
+    if bool in allowed:  # 'false' and 'no' are strings, and a non-empty string would mean True
+        _fail(f"{key} must be True{', False or None' if type(None) in allowed else ' or False'}, got {value!r} in {source}")
+    names = ' or '.join('None' if t is type(None) else t.__name__ for t in allowed)
+    _fail(f"{key} expects {names}, got {type(value).__name__} {value!r} in {source}")
+
+
+def _run_file(path, settings):
+    """The settings a config file assigns. It runs with the current settings visible, so that
+    `lr_decay_iters = max_iters` works; any failure is one line naming the file and line."""
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except OSError as e:
+        _fail(f"cannot read config file '{path}': {e.strerror} (give an existing .py file, e.g. config/small.py)")
+    try:
+        source = raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b'\n') + 1
+        _fail(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x}); save it as UTF-8")
+    try:
+        # builtins.compile: a script's own `compile` setting shadows the builtin here
+        code = builtins.compile(source, path, 'exec')
+    except (SyntaxError, ValueError) as e:  # ValueError: a null byte
+        _fail(f"{path}:{getattr(e, 'lineno', None) or 1}: {getattr(e, 'msg', None) or e}")
+    assigned = {}
+    try:
+        exec(code, dict(settings), assigned)  # reads see the settings, assignments land in `assigned`
+    except Exception as e:
+        tb, line = e.__traceback__, 1
+        while tb is not None:  # the deepest line of the config file itself
+            if tb.tb_frame.f_code.co_filename == path:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        _fail(f"{path}:{line}: {type(e).__name__}: {e}")
+    return assigned
 
 
 def configure(g, argv):
     """Apply config files and --key=value overrides in argv to the globals dict g."""
     defaults = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)}
+    annotations = g.get('__annotations__', {})
     for arg in argv:
         if not arg.startswith('--'):
-            try:
-                with open(arg) as f:
-                    source = f.read()
-            except OSError as e:
-                _fail(f"cannot read config file '{arg}': {e.strerror} (give an existing .py file, e.g. config/small.py)")
-            values = {}
-            # builtins.compile: a script's own `compile` setting shadows the builtin here
-            exec(builtins.compile(source, arg, 'exec'), {}, values)
-            for key, value in values.items():
+            for key, value in _run_file(arg, {k: g[k] for k in defaults}).items():
                 if key.startswith('_') or not isinstance(value, _CONFIG_TYPES):
                     continue
-                g[key] = _check(key, value, defaults, arg)
+                g[key] = _check(key, value, defaults, annotations, arg)
                 print(f"config: {key} = {g[key]!r}  ({arg})", file=sys.stderr)
             continue
         key, eq, text = arg[2:].partition('=')
         if not eq or not key:
             _fail(f"malformed argument '{arg}': expected --key=value, e.g. --batch_size=16 or --compile=False")
-        if isinstance(defaults.get(key), str):
-            value = text  # strings need no quotes: --device=cuda:1
+        allowed = _types(key, defaults.get(key), annotations) or ()
+        if str in allowed:  # strings need no quotes: --device=cuda:1
+            value = None if text == 'None' and type(None) in allowed else text
         else:
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-        g[key] = _check(key, value, defaults, arg)
+        g[key] = _check(key, value, defaults, annotations, arg)
         print(f"config: {key} = {g[key]!r}", file=sys.stderr)
     return {k: g[k] for k in defaults}
 

@@ -15,7 +15,9 @@ else
   python prepare.py --max_docs=20000 --data_dir=data/sample
 fi
 echo "== train: config/cpu.py"
-python train.py config/cpu.py
+# run again, it carries on from out-cpu/last.pt (a finished run ends at once) rather than train over it
+resume=$([ -f out-cpu/last.pt ] && echo --init_from=resume || true)
+python train.py config/cpu.py $resume
 echo "== sample"
 python sample.py --out_dir=out-cpu --start="Once upon a time" --num_samples=3 --max_new_tokens=200
 python eval.py --out_dir=out-cpu

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -33,56 +34,73 @@ from model import GPT, GPTConfig
 # I/O
 out_dir = 'out-small'  # last.pt, best.pt, metrics.jsonl and loss.png go here
 data_dir = 'data/tinystories'  # train.bin, validation.bin and meta.json from prepare.py
-eval_interval = 250  # steps between evaluations, each followed by a checkpoint
-log_interval = 10  # steps between log lines
-eval_iters = 100  # batches per split in an evaluation
+eval_interval = 250  # steps between evaluations, each followed by a checkpoint (>= 1)
+log_interval = 10  # steps between log lines (>= 1)
+eval_iters = 100  # batches per split in an evaluation (>= 1)
 eval_only = False  # print the train and validation loss of the model init_from gives, then exit
 init_from = 'scratch'  # 'scratch', 'resume' (out_dir/last.pt) or the path of a checkpoint to fine-tune
-patience = 0  # stop after this many evaluations without a better validation loss (0 = never)
+overwrite = False  # let a new run (from scratch or fine-tuning) replace the best.pt and last.pt already in out_dir
+patience = 0  # stop after this many evaluations without a better validation loss (>= 0; 0 = never)
 tensorboard_log = False  # also log to TensorBoard, in out_dir/tensorboard (pip install tensorboard)
 wandb_log = False  # also log to Weights & Biases (pip install wandb)
 wandb_project = 'tinystories'
 wandb_run_name = 'gpt'
 # data
-batch_size = 64  # sequences per micro-step, in each process
-gradient_accumulation_steps = 2  # micro-steps per optimizer step, summed over all DDP processes
-block_size = 128  # context length in tokens
+batch_size = 64  # sequences per micro-step, in each process (>= 1)
+# micro-steps per optimizer step, summed over all DDP processes (>= 1); each of N processes runs
+# ceil(gradient_accumulation_steps / N) of them, so a step holds at least as many tokens as asked, on any N
+gradient_accumulation_steps = 2
+block_size = 128  # context length in tokens (>= 1)
 # model: config/small.py's shape
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.1
+n_layer = 6  # >= 1
+n_head = 6  # >= 1
+n_embd = 384  # a multiple of n_head
+dropout = 0.1  # in [0, 1)
 bias = True  # biases in Linears and LayerNorms
 # AdamW
-learning_rate = 1e-3  # peak learning rate
-max_iters = 5000  # optimizer steps in all
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.99  # a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
-grad_clip = 1.0  # clip the gradient norm to this (0 = no clipping)
+learning_rate = 1e-3  # peak learning rate (> 0)
+max_iters = 5000  # optimizer steps in all (>= 0)
+weight_decay = 0.1  # >= 0
+beta1 = 0.9  # in [0, 1)
+beta2 = 0.99  # in [0, 1); a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
+grad_clip = 1.0  # clip the gradient norm to this (>= 0; 0 = no clipping)
 # learning rate schedule: linear warmup, then cosine decay
 decay_lr = True  # False keeps learning_rate throughout
-warmup_iters = 200
-lr_decay_iters = 5000  # about max_iters
-min_lr = 1e-4  # about learning_rate / 10
+warmup_iters = 200  # >= 0
+lr_decay_iters = 5000  # about max_iters; >= warmup_iters
+min_lr = 1e-4  # about learning_rate / 10 (>= 0)
 # system
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bf16 where fast, fp16 on GPUs without bf16, else fp32), 'float32', 'bfloat16', 'float16'
-compile = None  # torch.compile the model; None: on CUDA only
+compile: bool | None = None  # torch.compile the model; None: on CUDA only
 backend = 'auto'  # DDP backend: 'auto' (nccl on CUDA, gloo on the CPU), 'nccl' or 'gloo'
 seed = 1337
-peak_flops = 0.0  # the MFU's denominator in FLOP/s; 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
+peak_flops = 0.0  # the MFU's denominator in FLOP/s (>= 0); 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# every setting's range, in one place, before anything is read or written (ordered: n_head >= 1 comes before n_embd % n_head)
+for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'patience >= 0', 'batch_size >= 1',
+             'gradient_accumulation_steps >= 1', 'block_size >= 1', 'n_layer >= 1', 'n_head >= 1', 'n_embd >= 1',
+             'n_embd % n_head == 0', '0 <= dropout < 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
+             '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', 'warmup_iters >= 0', 'min_lr >= 0',
+             'not decay_lr or lr_decay_iters >= warmup_iters', 'peak_flops >= 0', "backend in ('auto', 'nccl', 'gloo')",
+             "dtype in ('auto', 'float32', 'bfloat16', 'float16')"):
+    if not eval(rule, {}, config):
+        got = ', '.join(f'{k}={config[k]!r}' for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in config)
+        die(f"need {rule}, got {got}")
 # -----------------------------------------------------------------------------
+
+# a new run would replace a trained model and reset its metrics.jsonl: only when asked to
+trained = [name for name in ('best.pt', 'last.pt') if os.path.exists(os.path.join(out_dir, name))]
+if trained and init_from != 'resume' and not eval_only and not overwrite:
+    die(f"{out_dir} already holds {', '.join(trained)} from an earlier run: continue it with --init_from=resume, "
+        "choose another --out_dir, or replace it with --overwrite=True")
 
 # torchrun starts one process per device and tells each its RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
 rank, world_size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
 master_process = rank == 0  # the one process that logs and writes files
-if gradient_accumulation_steps % world_size:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the {world_size} processes")
-gradient_accumulation_steps //= world_size
+gradient_accumulation_steps = -(-gradient_accumulation_steps // world_size)  # per process, rounded up
 device = get_device(device)
 device_type = device.split(':')[0]
 if ddp:
@@ -115,6 +133,17 @@ if master_process:
         tempfile.TemporaryFile(dir=out_dir).close()  # fail now, not at the first checkpoint
     except OSError as e:
         die(f"cannot write to out_dir {out_dir}: {e.strerror or e} (choose another --out_dir)")
+    # a kill -9 mid-write leaves atomic_output's NAME.tmpPID behind, as large as a checkpoint
+    for name in os.listdir(out_dir):
+        writer = re.fullmatch(r'.+\.tmp(\d{1,9})', name)
+        try:
+            if writer:
+                os.kill(int(writer[1]), 0)  # signal 0 only asks whether the writing process still exists
+        except ProcessLookupError:
+            os.remove(os.path.join(out_dir, name))
+            log(f"removed {name}, left half-written by a process that was killed")
+        except PermissionError:  # it exists, as another user's
+            pass
     if tensorboard_log:
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -151,7 +180,16 @@ else:
         die(f"init_from=resume but there is no {ckpt_path} (train first, or check --out_dir)" if init_from == 'resume'
             else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
     checkpoint = load_checkpoint(ckpt_path, device)
-    saved = checkpoint['model_args']
+    saved = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
+    missing = [f"model_args[{k!r}]" for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
+               if k not in saved]
+    if init_from == 'resume':
+        missing += [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in checkpoint]
+        if 'optimizer' in missing:
+            die(f"{ckpt_path} holds no {', '.join(missing)} to resume from (a weights-only file?): "
+                f"fine-tune it instead, --init_from={ckpt_path} with another --out_dir")
+    if missing:
+        die(f"{ckpt_path} lacks {', '.join(missing)}: it is not a complete train.py checkpoint")
     shape = ['n_layer', 'n_head', 'n_embd', 'bias'] + (['block_size'] if init_from == 'resume' else [])
     differ = [f"{k}={saved[k]} (the config says {model_args[k]})" for k in shape if saved[k] != model_args[k]]
     if differ:
@@ -163,7 +201,10 @@ else:
             f"({saved['vocab_size']})")
     model_args['vocab_size'] = saved['vocab_size']
     model = GPT(GPTConfig(**{**model_args, 'block_size': saved['block_size']}))
-    model.load_state_dict(checkpoint['model'])
+    try:
+        model.load_state_dict(checkpoint['model'])
+    except RuntimeError as e:
+        die(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[0]}")
     if block_size < saved['block_size']:
         model.crop_block_size(block_size)
 model.to(device)
@@ -175,17 +216,21 @@ iter_num, best_val_loss = 0, float('inf')
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if checkpoint['scaler']:
+    if checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
-    if ddp:  # the checkpoint holds rank 0's random state only: fresh, distinct streams instead
-        torch.manual_seed(seed + rank + iter_num)
-    else:  # the same batches and dropout masks as a run that never stopped
-        rng = checkpoint['rng']
+    rngs = checkpoint['rng']  # one per process
+    if len(rngs) == world_size:  # the same batches and dropout masks as a run that never stopped
+        rng = rngs[rank]
         random.setstate(rng['python'])
         np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
         torch.set_rng_state(rng['torch'].cpu())
         if device_type == 'cuda' and rng['cuda'] is not None:
             torch.cuda.set_rng_state(rng['cuda'].cpu())
+    else:
+        if master_process:
+            log(f"warning: {ckpt_path} holds the random states of {len(rngs)} processes, not {world_size}: "
+                "each process starts a fresh stream, so this run will not repeat the batches of one that never stopped")
+        torch.manual_seed(seed + rank + iter_num)  # distinct, and not the streams of the first steps again
 checkpoint = None  # free its memory
 
 raw_model = model  # the bare model: its state_dict has no compile or DDP prefixes
@@ -269,7 +314,17 @@ def plot_losses():
 
 
 def save_checkpoint(names):
+    """Every process calls it: each one's random state goes in, so that resume is exact under DDP too."""
     np_state = np.random.get_state()
+    # plain tensors, tuples and ints, so that torch.load(weights_only=True) reads them back
+    rng = {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+           'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    rngs = [rng]
+    if ddp:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng)
+    if not master_process:
+        return
     checkpoint = {
         'model': raw_model.state_dict(),
         'model_args': model_args,
@@ -278,13 +333,15 @@ def save_checkpoint(names):
         'config': config,
         'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
-        # plain tensors, tuples and ints, so that torch.load(weights_only=True) reads them back
-        'rng': {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
-                'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None},
+        'rng': rngs,  # rank by rank
     }
     for name in names:
-        with atomic_output(os.path.join(out_dir, name)) as tmp:  # a kill mid-write keeps the old file
-            torch.save(checkpoint, tmp)
+        try:
+            with atomic_output(os.path.join(out_dir, name)) as tmp:  # a kill mid-write keeps the old file
+                torch.save(checkpoint, tmp)
+        except OSError as e:
+            die(f"cannot save {out_dir}/{name} at iter {iter_num}: {e.strerror or e} (disk full?); it keeps its "
+                "previous version: make room, then continue with --init_from=resume")
 
 
 stop_signal = 0
@@ -301,8 +358,9 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 if master_process:
-    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, "
-        f"{world_size} x {device}, {dtype}")
+    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step ({world_size} processes "
+        f"x {gradient_accumulation_steps} micro-step{'s' * (gradient_accumulation_steps > 1)} x {batch_size} x "
+        f"{block_size} tokens), {world_size} x {device}, {dtype}")
 run_start = time.time()
 bar = tqdm(total=max_iters, initial=iter_num, unit='step', disable=None if master_process else True)
 resumed_at = iter_num if init_from == 'resume' else -1  # its checkpoint was saved after that step's evaluation
@@ -327,7 +385,8 @@ while True:
                       + (" (best)" if improved else ""), file=sys.stderr)
             record(iter=iter_num, train_loss=train_loss, val_loss=val_loss, lr=lr)
             plot_losses()
-            save_checkpoint(['last.pt', 'best.pt'] if improved else ['last.pt'])
+        # best.pt first: a kill between the two leaves last.pt recording an older best, never a newer one
+        save_checkpoint(['best.pt', 'last.pt'] if improved else ['last.pt'])
         saved_at = iter_num
     if patience and evals_since_best >= patience:
         if master_process:
@@ -378,7 +437,7 @@ bar.close()
 if master_process:
     log(f"stopped at iter {iter_num} after {(time.time() - run_start) / 60:.1f} min; best val loss {best_val_loss:.4f}")
 
-if stop and saved_at != iter_num and master_process:
+if stop and saved_at != iter_num:
     save_checkpoint(['last.pt'])
 if ddp:
     # a real check that DDP did its job: every process must end with the same weights

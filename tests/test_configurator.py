@@ -8,10 +8,13 @@ from conftest import ROOT
 from configurator import configure
 
 DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=True, device='auto', top_k=None, out_dir='out')
+# what a script's `compile: bool | None = None` and `top_k: int | None = 200` leave in its globals
+TYPED = dict(compile=None, top_k=200, max_iters=100, lr_decay_iters=50, __annotations__={'compile': bool | None,
+                                                                                         'top_k': int | None})
 
 
-def run(argv):
-    g = dict(DEFAULTS)
+def run(argv, defaults=DEFAULTS):
+    g = dict(defaults)
     return configure(g, argv), g
 
 
@@ -38,6 +41,9 @@ def test_config_file_then_overrides_in_order(tmp_path):
     (['--compile=1'], 'compile must be True or False'),
     (['--batch_size=abc'], 'batch_size expects int, got str'),
     (['--learning_rate=fast'], 'learning_rate expects float'),
+    (['--compile=false'], 'compile must be True or False'),
+    (['--compile=no'], 'compile must be True or False'),
+    (['--batch_size=None'], 'batch_size expects int, got NoneType'),
     (['--batch_size'], 'malformed argument'),
     (['--=3'], 'malformed argument'),
     (['no/such/config.py'], "cannot read config file 'no/such/config.py'"),
@@ -80,3 +86,60 @@ def test_exec_contract_from_a_script(tmp_path):
     bad = subprocess.run([sys.executable, str(script), '--batch=3'], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stdout == ''
     assert bad.stderr.strip().splitlines()[-1].startswith("error: unknown config key 'batch'")
+
+
+def test_annotated_settings_take_only_their_declared_types():
+    config, _ = run(['--compile=False', '--top_k=None'], TYPED)
+    assert config['compile'] is False and config['top_k'] is None
+    config, _ = run(['--compile=None', '--top_k=40', '--top_k=5.0'], TYPED)
+    assert config['compile'] is None and config['top_k'] == 5 and type(config['top_k']) is int
+    for arg, message in (('--compile=false', 'compile must be True, False or None'),
+                         ('--compile=no', 'compile must be True, False or None'),
+                         ('--compile=1', 'compile must be True, False or None'),
+                         ('--top_k=ten', "top_k expects int or None, got str 'ten'"),
+                         ('--top_k=0.5', 'top_k expects int or None, got float')):
+        with pytest.raises(SystemExit, match=message):
+            run([arg], TYPED)
+
+
+def test_a_script_declares_the_type_of_a_none_setting(tmp_path):
+    """The mechanism sample.py, eval.py, bench.py and prepare.py use: an annotation at module level."""
+    script = tmp_path / 'script.py'
+    script.write_text('import os\ncompile: bool | None = None  # on CUDA only\n'
+                      'if __name__ == "__main__":\n'
+                      f'    exec(open({os.path.join(ROOT, "configurator.py")!r}).read())\n'
+                      '    print(repr(compile))\n')
+    ok = subprocess.run([sys.executable, str(script), '--compile=False'], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == 'False', ok.stderr
+    bad = subprocess.run([sys.executable, str(script), '--compile=false'], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: compile must be True, False or None, got 'false' in --compile=false"
+
+
+def test_a_config_file_sees_the_settings_before_it(tmp_path):
+    cfg = tmp_path / 'c.py'
+    cfg.write_text('max_iters = 2 * max_iters  # nanoGPT-style\nlr_decay_iters = max_iters\n')
+    config, _ = run(['--max_iters=300', str(cfg)], TYPED)
+    assert config['max_iters'] == 600 and config['lr_decay_iters'] == 600
+
+
+@pytest.mark.parametrize('text, message', [
+    (b'max_iters = 10\nlr_decay_iters = max_iters +\n', ':2: invalid syntax'),
+    (b'max_iters = 10\n\nlr_decay_iters = 1 / 0\n', ':3: ZeroDivisionError: division by zero'),
+    (b'max_iters = 10\nlr_decay_iters = n_iters\n', ":2: NameError: name 'n_iters' is not defined"),
+    (b'# caf\xe9\nmax_iters = 10\n', ':1: not UTF-8 text'),
+    (b'max_iters = 1\x00\n', ':1: '),
+])
+def test_a_broken_config_file_is_one_line_with_file_and_line(tmp_path, text, message):
+    cfg = tmp_path / 'broken.py'
+    cfg.write_bytes(text)
+    with pytest.raises(SystemExit, match=f'^error: {cfg}{message}') as e:
+        run([str(cfg)], TYPED)
+    assert '\n' not in str(e.value)
+
+
+def test_a_broken_config_file_prints_no_traceback(tmp_path):
+    cfg = tmp_path / 'broken.py'
+    cfg.write_text('n_layer = 4\nn_head = n_layer // 0\n')
+    run = subprocess.run([sys.executable, 'train.py', str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 1 and 'Traceback' not in run.stderr
+    assert run.stderr.strip().splitlines()[-1] == f'error: {cfg}:2: ZeroDivisionError: integer division or modulo by zero'

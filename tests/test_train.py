@@ -3,9 +3,12 @@ outputs, exact resume, fine-tuning, early stopping, signals, divergence, DDP and
 import importlib.util
 import json
 import os
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from conftest import ROOT
 VOCAB = 64
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=8',
         '--gradient_accumulation_steps=1', '--eval_iters=4', '--log_interval=1', '--warmup_iters=2',
-        '--learning_rate=1e-2', '--min_lr=1e-3', '--device=cpu']
+        '--learning_rate=1e-2', '--min_lr=1e-3', '--device=cpu', '--dtype=float32']
 # a tiny model on a busy 2-core machine runs far faster on one thread than waiting for a second
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
@@ -90,10 +93,24 @@ def test_a_run_writes_checkpoints_metrics_and_plot_and_learns(trained):
     assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB,
                                       dropout=0.1)
     assert ckpt['config']['max_iters'] == 30 and not any(k.startswith(('_orig_mod.', 'module.')) for k in ckpt['model'])
-    assert set(ckpt['rng']) == {'python', 'numpy', 'torch', 'cuda'}
+    assert len(ckpt['rng']) == 1 and set(ckpt['rng'][0]) == {'python', 'numpy', 'torch', 'cuda'}
     best = load_checkpoint(os.path.join(trained, 'best.pt'))
     assert best['iter_num'] == min(evals, key=lambda r: r['val_loss'])['iter']
 
+
+
+def test_learning_rate_schedule(data, trained, tmp_path):
+    """Linear warmup to learning_rate, cosine down to min_lr at lr_decay_iters, then min_lr: values by hand.
+    A step row of metrics.jsonl at iter k logs the lr of step k - 1; an evaluation row, that of step k."""
+    step_lr = {r['iter'] - 1: r['lr'] for r in metrics(trained) if 'loss' in r}
+    # warmup_iters=2, learning_rate=1e-2, min_lr=1e-3, lr_decay_iters=30: halfway through the cosine at 2 + 28 / 2
+    assert [step_lr[0], step_lr[1], step_lr[2]] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])
+    assert step_lr[16] == pytest.approx(1e-3 + 0.5 * 9e-3)
+    assert step_lr[9] == pytest.approx(1e-3 + 9e-3 * (1 + np.cos(np.pi * 7 / 28)) / 2)
+    train(data, tmp_path, '--max_iters=7', '--eval_interval=100', '--warmup_iters=0', '--lr_decay_iters=4')
+    lrs = [r['lr'] for r in metrics(tmp_path) if 'loss' in r]
+    assert lrs == pytest.approx([1e-2, 1e-3 + 9e-3 * (1 + np.cos(np.pi / 4)) / 2, 5.5e-3,
+                                 1e-3 + 9e-3 * (1 + np.cos(3 * np.pi / 4)) / 2, 1e-3, 1e-3, 1e-3])  # the floor past 4
 
 def test_resume_is_exact(data, tmp_path):
     # dropout and accumulation exercise the random state and the optimizer state in the checkpoint
@@ -122,6 +139,24 @@ def test_finetune_from_a_checkpoint_with_a_shorter_block(data, trained, tmp_path
     first = metrics(tmp_path)[0]
     assert first['iter'] == 0 and first['val_loss'] < 0.6 * np.log(VOCAB)  # starts from the trained weights
 
+
+
+def test_a_new_run_never_overwrites_a_trained_model(data, trained, tmp_path):
+    out_dir = tmp_path / 'out'
+    shutil.copytree(trained, out_dir)
+    before = {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)}
+    for args in ([], [f'--init_from={trained}/best.pt']):  # from scratch, or fine-tuning
+        run = train(data, out_dir, '--max_iters=2', *args, ok=False)
+        assert_error(run, f'{out_dir} already holds best.pt, last.pt')
+        for way in ('--init_from=resume', 'another --out_dir', '--overwrite=True'):
+            assert way in run.stderr
+        assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == before
+    # what a second `bash run.sh` does: resume, and a finished run ends at once, changing nothing
+    run = train(data, out_dir, '--max_iters=30', '--init_from=resume', '--eval_interval=10', '--lr_decay_iters=30')
+    assert 'stopped at iter 30' in run.stderr
+    assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == before
+    train(data, out_dir, '--max_iters=2', '--overwrite=True')
+    assert load_checkpoint(out_dir / 'last.pt')['iter_num'] == 2
 
 def test_eval_only_prints_the_losses_and_writes_nothing(data, trained, tmp_path):
     run = train(data, tmp_path, f'--init_from={trained}/best.pt', '--eval_only=True')
@@ -162,6 +197,84 @@ def test_sigterm_finishes_the_step_saves_and_exits(data, tmp_path):
     train(data, tmp_path, '--init_from=resume', f"--max_iters={ckpt['iter_num'] + 2}", '--lr_decay_iters=100000')
 
 
+
+# train.py with its checkpoint writes hooked: HOOK=kill-after-N dies as kill -9 would once N checkpoints are
+# in place, HOOK=kill-in-N dies halfway through writing the Nth, HOOK=full-in-N finds the disk full there
+HOOKED = """
+import contextlib, errno, os, runpy, sys
+import common, torch
+atomic_output, hook, n = common.atomic_output, *os.environ['HOOK'].rsplit('-', 1)
+saved = []
+
+@contextlib.contextmanager
+def hooked_output(path):
+    with atomic_output(path) as tmp:
+        yield tmp
+    saved.extend([path] if path.endswith('.pt') else [])
+    if hook == 'kill-after' and len(saved) == int(n):
+        os._exit(137)
+
+def hooked_save(obj, path):
+    if len(saved) + 1 == int(n) and hook in ('kill-in', 'full-in'):
+        with open(path, 'wb') as f:
+            f.write(b'half a checkpoint')
+        if hook == 'kill-in':
+            os._exit(137)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    torch_save(obj, path)
+
+common.atomic_output, torch_save, torch.save = hooked_output, torch.save, hooked_save
+sys.argv = sys.argv[1:]
+runpy.run_path('train.py', run_name='__main__')
+"""
+
+
+def hooked_train(hook, data_dir, out_dir, *args):
+    cmd = [sys.executable, '-c', HOOKED, 'train.py', f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TINY, *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**ENV, 'HOOK': hook}, capture_output=True, text=True, timeout=120)
+
+
+def test_a_kill_between_checkpoint_writes_never_leaves_best_pt_behind_last_pt(data, tmp_path):
+    # evaluations at 0 and 5 both improve and write two checkpoints each; die after the third write
+    run = hooked_train('kill-after-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+    assert run.returncode == 137, run.stderr
+    best, last = load_checkpoint(tmp_path / 'best.pt'), load_checkpoint(tmp_path / 'last.pt')
+    assert best['iter_num'] == 5 and last['iter_num'] == 0
+    assert best['best_val_loss'] <= last['best_val_loss']  # the best model is never older than last.pt's record
+
+
+def test_files_a_kill_left_half_written_are_removed_at_the_next_start(data, tmp_path):
+    run = hooked_train('kill-in-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+    assert run.returncode == 137, run.stderr
+    stale = [name for name in os.listdir(tmp_path) if '.pt.tmp' in name]
+    assert len(stale) == 1
+    live = tmp_path / f'last.pt.tmp{os.getpid()}'  # a process still writing it: left alone
+    live.write_bytes(b'')
+    run = train(data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10', '--init_from=resume')
+    assert f'removed {stale[0]}' in run.stderr
+    assert sorted(n for n in os.listdir(tmp_path) if '.tmp' in n) == [live.name]
+
+
+def test_a_full_disk_while_saving_keeps_the_old_checkpoint(data, tmp_path):
+    run = hooked_train('full-in-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+    assert_error(run, 'No space left on device')
+    assert 'keeps its previous version' in run.stderr
+    assert load_checkpoint(tmp_path / 'last.pt')['iter_num'] == 0
+    assert not [name for name in os.listdir(tmp_path) if '.tmp' in name]
+
+
+def test_a_checkpoint_with_missing_keys_is_an_error(data, trained, tmp_path):
+    ckpt = load_checkpoint(os.path.join(trained, 'last.pt'))
+    torch.save({**ckpt, 'model_args': {k: v for k, v in ckpt['model_args'].items() if k != 'n_head'}},
+               tmp_path / 'no-head.pt')
+    run = train(data, tmp_path / 'out', f'--init_from={tmp_path}/no-head.pt', ok=False)
+    assert_error(run, "no-head.pt lacks model_args['n_head']")
+    os.makedirs(tmp_path / 'weights')
+    torch.save({'model': ckpt['model'], 'model_args': ckpt['model_args']}, tmp_path / 'weights' / 'last.pt')
+    run = train(data, tmp_path / 'weights', '--init_from=resume', ok=False)
+    assert_error(run, 'holds no optimizer, iter_num, best_val_loss, rng to resume from')
+    assert f'--init_from={tmp_path}/weights/last.pt' in run.stderr  # fine-tuning it works
+
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     run = train(data, tmp_path, '--learning_rate=1e3', '--grad_clip=0', '--warmup_iters=0', '--eval_interval=1',
                 '--max_iters=50', ok=False)
@@ -171,26 +284,47 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
     assert all(torch.isfinite(w).all() for w in ckpt['model'].values())
 
 
-@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason='no torch.distributed with gloo')
-def test_ddp_on_two_cpu_processes(data, tmp_path):
-    # train.py compares every process's weights at the end and fails if DDP let them drift apart
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
-           f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY, '--gradient_accumulation_steps=2', '--max_iters=10',
-           '--eval_interval=5', '--lr_decay_iters=10']
-    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason='no torch.distributed with gloo')
+
+
+def torchrun(nproc, data_dir, out_dir, *args):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py',
+           f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TINY, *args]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
-    assert '2 x cpu' in run.stderr and '256 tokens per step' in run.stderr  # 2 processes x 1 micro-step x 8 x 16
+    return run
+
+
+@needs_gloo
+@pytest.mark.parametrize('nproc', [2, 3])
+def test_ddp_on_cpu_processes_with_any_count(nproc, data, tmp_path):
+    # gradient_accumulation_steps=2 over 3 processes rounds up to 1 micro-step each: 3 x 1 x 8 x 16 tokens per step.
+    # train.py compares every process's weights at the end and fails if DDP let them drift apart
+    run = torchrun(nproc, data, tmp_path, '--gradient_accumulation_steps=2', '--max_iters=10', '--eval_interval=5',
+                   '--lr_decay_iters=10')
+    assert f'{nproc} x cpu' in run.stderr
+    assert f'{nproc * 128} tokens per step ({nproc} processes x 1 micro-step x 8 x 16 tokens)' in run.stderr
     assert load_checkpoint(tmp_path / 'last.pt')['iter_num'] == 10
     evals = [r for r in metrics(tmp_path) if 'val_loss' in r]
     assert evals[-1]['val_loss'] < evals[0]['val_loss']
 
 
-def test_ddp_needs_accumulation_steps_divisible_by_the_processes(data, tmp_path):
-    env = {**ENV, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '2'}  # fails before it looks for the other process
-    cmd = [sys.executable, 'train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY,
-           '--gradient_accumulation_steps=3']
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert_error(run, 'multiple of the 2 processes')
+@needs_gloo
+def test_ddp_resume_is_exact(data, tmp_path):
+    # each process draws its own batches and dropout masks: every one's random state must come back
+    args = ['--eval_interval=3', '--lr_decay_iters=6', '--dropout=0.2', '--gradient_accumulation_steps=2']
+    torchrun(2, data, tmp_path / 'straight', '--max_iters=6', *args)
+    torchrun(2, data, tmp_path / 'halves', '--max_iters=3', *args)
+    torchrun(2, data, tmp_path / 'halves', '--max_iters=6', '--init_from=resume', *args)
+    straight = load_checkpoint(tmp_path / 'straight' / 'last.pt')
+    halves = load_checkpoint(tmp_path / 'halves' / 'last.pt')
+    assert halves['iter_num'] == 6 and len(halves['rng']) == 2  # one random state per process
+    for name, weight in straight['model'].items():
+        assert torch.equal(weight, halves['model'][name]), name
+    assert straight['best_val_loss'] == halves['best_val_loss']
+    run = torchrun(3, data, tmp_path / 'halves', '--max_iters=7', '--init_from=resume', *args)
+    assert 'last.pt holds the random states of 2 processes, not 3' in run.stderr
 
 
 @pytest.mark.parametrize('problem, hint', [
@@ -235,3 +369,35 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     run = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', f'--data_dir={tmp_path}'],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert_error(run, 'run prepare.py first')  # it took every setting; only the data is missing
+
+
+@pytest.mark.parametrize('arg, rule', [
+    ('--eval_iters=0', 'eval_iters >= 1'), ('--gradient_accumulation_steps=0', 'gradient_accumulation_steps >= 1'),
+    ('--gradient_accumulation_steps=-2', 'gradient_accumulation_steps >= 1'), ('--grad_clip=-1', 'grad_clip >= 0'),
+    ('--max_iters=-1', 'max_iters >= 0'), ('--patience=-1', 'patience >= 0'), ('--batch_size=0', 'batch_size >= 1'),
+    ('--block_size=0', 'block_size >= 1'), ('--eval_interval=0', 'eval_interval >= 1'),
+    ('--log_interval=0', 'log_interval >= 1'), ('--n_layer=0', 'n_layer >= 1'), ('--n_head=0', 'n_head >= 1'),
+    ('--n_embd=33', 'n_embd % n_head == 0, got n_embd=33, n_head=2'), ('--dropout=1.5', '0 <= dropout < 1'),
+    ('--dropout=-0.1', '0 <= dropout < 1'), ('--learning_rate=0', 'learning_rate > 0'),
+    ('--learning_rate=-1e-3', 'learning_rate > 0'), ('--min_lr=-1e-3', 'min_lr >= 0'), ('--beta1=1', '0 <= beta1 < 1'),
+    ('--beta2=1.5', '0 <= beta2 < 1'), ('--weight_decay=-0.1', 'weight_decay >= 0'), ('--warmup_iters=-1', 'warmup_iters >= 0'),
+    ('--lr_decay_iters=1', 'not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr=True, lr_decay_iters=1, warmup_iters=2'),
+    ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
+    ('--dtype=fp8', "dtype in ('auto', 'float32', 'bfloat16', 'float16')"),
+])
+def test_a_setting_out_of_range_stops_before_any_work(arg, rule, tmp_path, monkeypatch):
+    # in this process, where torch is already imported: the check must come before data, model and files
+    monkeypatch.setattr(sys, 'argv', ['train.py', f'--data_dir={tmp_path}/data', f'--out_dir={tmp_path}/out', *TINY, arg])
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
+    assert str(e.value).startswith('error: ') and '\n' not in str(e.value) and rule in str(e.value)
+    assert time.time() - t0 < 2 and os.listdir(tmp_path) == []
+
+
+def test_settings_out_of_range_on_the_command_line(tmp_path):
+    run = train(tmp_path / 'data', tmp_path / 'out', '--eval_iters=0', ok=False)
+    assert_error(run, 'need eval_iters >= 1, got eval_iters=0')
+    run = train(tmp_path / 'data', tmp_path / 'out', '--compile=false', ok=False)
+    assert_error(run, "compile must be True, False or None, got 'false'")
+    assert os.listdir(tmp_path) == []
