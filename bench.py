@@ -19,7 +19,7 @@ batch_size = 8  # training micro-batch (sequences of block_size tokens)
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
 dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure
-compile = None  # also time torch.compile: True, False, or None (on CUDA only; it is slow to start on a CPU)
+compile: bool | None = None  # also time torch.compile: True, False, or None (on CUDA only; it is slow to start on a CPU)
 new_tokens = 256  # tokens sampled per row
 sample_batches = '1,8'  # sampling batch sizes
 window_shift = 32  # a second cached-sampling row slides its window this many tokens at a time (1 = exact)

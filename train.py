@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import atomic_output, autocast, die, get_device, get_dtype, keep_freed_memory, load_checkpoint, log, open_split, read_meta
+from common import atomic_output, autocast, die, get_device, get_dtype, keep_freed_memory, load_checkpoint, log, open_split, read_meta, remove_stale_temps
 from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -133,17 +133,7 @@ if master_process:
         tempfile.TemporaryFile(dir=out_dir).close()  # fail now, not at the first checkpoint
     except OSError as e:
         die(f"cannot write to out_dir {out_dir}: {e.strerror or e} (choose another --out_dir)")
-    # a kill -9 mid-write leaves atomic_output's NAME.tmpPID behind, as large as a checkpoint
-    for name in os.listdir(out_dir):
-        writer = re.fullmatch(r'.+\.tmp(\d{1,9})', name)
-        try:
-            if writer:
-                os.kill(int(writer[1]), 0)  # signal 0 only asks whether the writing process still exists
-        except ProcessLookupError:
-            os.remove(os.path.join(out_dir, name))
-            log(f"removed {name}, left half-written by a process that was killed")
-        except PermissionError:  # it exists, as another user's
-            pass
+    remove_stale_temps(out_dir)  # a kill -9 mid-write leaves a checkpoint-sized NAME.tmpPID
     if tensorboard_log:
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -212,7 +212,7 @@ def test_bad_checkpoints(tmp_path, what, message):
 
 @pytest.mark.parametrize('arg, message', [
     ('--temperature=-1', 'temperature must be >= 0'), ('--top_p=0', 'top_p must be'), ('--top_p=1.5', 'top_p must be'),
-    ('--top_p=x', 'top_p must be'), ('--top_k=0', 'top_k must be'), ('--num_samples=0', 'num_samples must be'),
+    ('--top_p=x', 'top_p expects float or None'), ('--top_k=0', 'top_k must be'), ('--num_samples=0', 'num_samples must be'),
     ('--max_new_tokens=0', 'max_new_tokens must be'), ('--repetition_penalty=0', 'repetition_penalty must be'),
     ('--window_shift=0', 'window_shift must be'), ('--dtype=float16', 'dtype=float16 is for GPUs'),
     ('--temperature=1e999', 'temperature must be'), ('--repetition_penalty=1e999', 'repetition_penalty must be'),

@@ -251,7 +251,7 @@ def test_files_a_kill_left_half_written_are_removed_at_the_next_start(data, tmp_
     live = tmp_path / f'last.pt.tmp{os.getpid()}'  # a process still writing it: left alone
     live.write_bytes(b'')
     run = train(data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10', '--init_from=resume')
-    assert f'removed {stale[0]}' in run.stderr
+    assert f'removed {os.path.join(tmp_path, stale[0])}' in run.stderr
     assert sorted(n for n in os.listdir(tmp_path) if '.tmp' in n) == [live.name]
 
 
