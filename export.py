@@ -111,12 +111,15 @@ if __name__ == '__main__':
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(export_dir)}.tmp')
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp's folder is private; an exported model is meant to be shared
         # a padded vocabulary's extra rows have no token: GPT-2's tokenizer ends at enc.n_vocab
         save_gpt2(model, tmp, enc.n_vocab, enc.eot_token)
         save_gpt2_tokenizer(enc, tmp, model.config.block_size)
         with open(os.path.join(tmp, 'README.md'), 'w') as f:
             f.write(model_card(os.path.basename(os.path.abspath(export_dir)), path, checkpoint, meta, bpb))
+        # mkdtemp's folder and safetensors' file are private; an exported model is meant to be shared
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
+        os.chmod(tmp, 0o755)
         if os.path.isdir(export_dir):  # empty, or to be replaced: swap it out, then drop it
             old = tmp + '.old'
             os.rename(export_dir, old)

@@ -67,14 +67,16 @@ def save_gpt2(model, folder, vocab_size, eot_token):
 def save_gpt2_tokenizer(enc, folder, max_length):
     """tiktoken's GPT-2 encoding as tokenizer.json and tokenizer_config.json, converted by
     transformers' TikTokenConverter from a file in tiktoken's own format."""
+    from tokenizers import AddedToken
     from transformers.convert_slow_tokenizer import TikTokenConverter
     with tempfile.TemporaryDirectory() as tmp:
         ranks = os.path.join(tmp, 'gpt2.tiktoken')
         with open(ranks, 'wb') as f:  # what tiktoken.load.dump_tiktoken_bpe writes, without needing blobfile
             for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda item: item[1]):
                 f.write(base64.b64encode(token) + b' ' + str(rank).encode() + b'\n')
-        tokenizer = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str,
-                                      extra_special_tokens=enc._special_tokens).converted()
+        tokenizer = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str).converted()
+    # added here, not by the converter: its argument for them has changed names across versions
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in enc._special_tokens])
     tokenizer.save(os.path.join(folder, 'tokenizer.json'))
     # written by hand: save_pretrained in transformers 5 names a class that 4.x lacks
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT,
