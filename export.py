@@ -83,8 +83,10 @@ if __name__ == '__main__':
     if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
         die(f"export_dir {export_dir} already holds files: choose another --export_dir, or replace it with --overwrite=True")
     path = checkpoint_path(out_dir, ckpt)
+    if os.path.abspath(path).startswith(os.path.join(os.path.abspath(export_dir), '')):
+        die(f"export_dir {export_dir} holds the checkpoint {path}, which replacing it would delete: choose another --export_dir")
     checkpoint = load_checkpoint(path)
-    architecture(checkpoint['model_args'])  # one line naming any option GPT2LMHeadModel lacks
+    arch = architecture(checkpoint['model_args'])  # or one line naming the options it lacks
     from model import GPT, GPTConfig
     try:
         model = GPT(GPTConfig(**checkpoint['model_args']))
@@ -107,9 +109,12 @@ if __name__ == '__main__':
     if meta and os.path.isfile(os.path.join(data_dir, 'validation.bin')) and loss is not None and math.isfinite(loss):
         bpb = bits_per_byte(loss, open_split(data_dir, meta, 'validation'), enc)
 
-    parent = os.path.dirname(os.path.abspath(export_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(export_dir)}.tmp')
+    try:
+        parent = os.path.dirname(os.path.abspath(export_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(export_dir)}.tmp')
+    except OSError as e:
+        die(f"cannot write next to export_dir {export_dir}: {e.strerror or e}")
     try:
         # a padded vocabulary's extra rows have no token: GPT-2's tokenizer ends at enc.n_vocab
         save_gpt2(model, tmp, enc.n_vocab, enc.eot_token)
@@ -131,4 +136,5 @@ if __name__ == '__main__':
         die(f"cannot write export_dir {export_dir}: {e.strerror or e}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported {path} (iter {checkpoint.get('iter_num')}) to {export_dir}: {', '.join(sorted(os.listdir(export_dir)))}")
+    print(f"exported {path} (iter {checkpoint.get('iter_num')}) as a {arch} to {export_dir}: "
+          f"{', '.join(sorted(os.listdir(export_dir)))}")

@@ -36,9 +36,9 @@ def architecture(model_args):
     if not differ:
         return 'GPT2LMHeadModel'
     # LlamaForCausalLM goes here once model.py has its options: rotary positions, RMSNorm, SwiGLU, no biases
-    die(f"{', '.join(f'{k}={v!r}' for k, v in differ.items())}: no transformers model has "
-        f"{'this option' if len(differ) == 1 else 'these options'} together with the others; "
-        "export handles GPT-2-shaped models (GPT2LMHeadModel)")
+    die(f"{', '.join(f'{k}={v!r}' for k, v in differ.items())}: "
+        f"{'this option has' if len(differ) == 1 else 'these options have'} no counterpart in GPT2LMHeadModel, "
+        "the one transformers model export.py writes so far")
 
 
 def save_gpt2(model, folder, vocab_size, eot_token):

@@ -173,6 +173,8 @@ def test_export_refuses_a_folder_with_files_unless_told(finetuned, tmp_path):
     run('export.py', f'--out_dir={out}', f'--export_dir={tmp_path}', '--overwrite=True')
     assert sorted(os.listdir(tmp_path)) == sorted(os.listdir(export_dir))
     assert [p for p in os.listdir(tmp_path.parent) if '.tmp' in p] == []  # no temporary folder left behind
+    assert_error(run('export.py', f'--out_dir={out}', f'--export_dir={out}', '--overwrite=True', ok=False), 'holds the checkpoint')
+    assert os.path.isfile(os.path.join(out, 'best.pt'))
 
 
 def test_options_without_a_transformers_counterpart_are_named(tmp_path):
