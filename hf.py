@@ -90,15 +90,18 @@ def gpt2_from_pretrained(name_or_path, meta, block_size, dropout):
     """model_args and model.py's state_dict for a transformers GPT-2: OpenAI's by name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl: from the local Hugging Face cache, else the hub) or a local
     folder, its context cropped to block_size, to fine-tune on meta's data."""
-    from transformers import AutoConfig, GPT2LMHeadModel
-    from transformers.utils.logging import disable_progress_bar
     where = 'folder' if os.path.isdir(name_or_path) else 'model'
     if meta.get('tokenizer', 'gpt2') != 'gpt2':
         die(f"init_from={name_or_path} needs data prepared with the GPT-2 tokenizer, and this data's is "
             f"{meta['tokenizer']!r}: run prepare.py with tokenizer=gpt2 into another --data_dir")
+    if where == 'folder' and not os.path.isfile(os.path.join(name_or_path, 'config.json')):
+        die(f"init_from={name_or_path} is a folder without a transformers model (no config.json): give a checkpoint "
+            f"file such as {os.path.join(name_or_path, 'best.pt')}, or a folder export.py wrote")
+    from transformers import AutoConfig, GPT2LMHeadModel
+    from transformers.utils.logging import disable_progress_bar
     try:
         config = AutoConfig.from_pretrained(name_or_path)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         if where == 'folder':
             die(f"cannot read a transformers model from the folder {name_or_path}: {str(e).splitlines()[0]}")
         die(f"{name_or_path} is not in the local Hugging Face cache and the hub cannot be reached"

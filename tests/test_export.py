@@ -191,3 +191,8 @@ def test_init_from_gpt2_without_cache_or_hub_says_so(data, tmp_path):
     env = {**ENV, 'HF_HOME': str(tmp_path / 'empty-cache')}
     result = run('train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', '--init_from=gpt2', *TINY, ok=False, env=env)
     assert_error(result, 'gpt2', 'cache', 'hub')
+
+
+def test_init_from_a_folder_without_a_transformers_model_says_so(data, tmp_path):
+    result = run('train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', f'--init_from={tmp_path}', *TINY, ok=False)
+    assert_error(result, 'no config.json', 'best.pt')
