@@ -7,6 +7,8 @@ Every eval_interval steps it writes out_dir/last.pt (and best.pt when the valida
 improved), metrics.jsonl and loss.png. --init_from=resume continues exactly where last.pt left
 off; --init_from=path/to/ckpt.pt fine-tunes those weights on new data. SIGINT (Ctrl-C) or
 SIGTERM finishes the current step, saves last.pt and exits with status 128 + the signal number.
+--init_from=gpt2 (gpt2-medium, gpt2-large, gpt2-xl) or a transformers GPT-2 folder fine-tunes
+those weights (hf.py maps them) on GPT-2-tokenized data.
 """
 import json
 import math
@@ -38,7 +40,7 @@ eval_interval = 250  # steps between evaluations, each followed by a checkpoint 
 log_interval = 10  # steps between log lines (>= 1)
 eval_iters = 100  # batches per split in an evaluation (>= 1)
 eval_only = False  # print the train and validation loss of the model init_from gives, then exit
-init_from = 'scratch'  # 'scratch', 'resume' (out_dir/last.pt) or the path of a checkpoint to fine-tune
+init_from = 'scratch'  # 'scratch', 'resume' (out_dir/last.pt), the path of a checkpoint to fine-tune, or gpt2* / a transformers folder
 overwrite = False  # let a new run (from scratch or fine-tuning) replace the best.pt and last.pt already in out_dir
 patience = 0  # stop after this many evaluations without a better validation loss (>= 0; 0 = never)
 tensorboard_log = False  # also log to TensorBoard, in out_dir/tensorboard (pip install tensorboard)
@@ -164,6 +166,11 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=meta['vocab_size'], dropout=dropout)
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
+elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
+    from hf import gpt2_from_pretrained  # needs transformers, which only this path imports
+    model_args, state_dict = gpt2_from_pretrained(init_from, meta, block_size, dropout)
+    model = GPT(GPTConfig(**model_args))
+    model.load_state_dict(state_dict)
 else:
     ckpt_path = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
     if not os.path.isfile(ckpt_path):

@@ -1,0 +1,140 @@
+"""
+Export a checkpoint as a transformers model folder, to share it (the Hugging Face Hub) or serve it
+(transformers pipelines, text-generation servers, llama.cpp's converters):
+  $ python export.py --out_dir=out-small --export_dir=tinystories-gpt
+  $ python export.py --ckpt=last --export_dir=tinystories-gpt --overwrite=True
+The folder holds model.safetensors, config.json, generation_config.json, GPT-2's tokenizer
+(tokenizer.json) and a README.md model card; AutoModelForCausalLM.from_pretrained(folder) and
+AutoTokenizer.from_pretrained(folder) load it offline. It appears complete or not at all.
+"""
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from common import checkpoint_path, die, get_tokenizer, load_checkpoint, read_meta, open_split
+from hf import architecture, save_gpt2, save_gpt2_tokenizer
+
+# -----------------------------------------------------------------------------
+out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
+ckpt = 'best'  # best or last (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint
+export_dir = ''  # the folder to write; empty: out_dir/hf
+overwrite = False  # replace export_dir when it already holds files
+# -----------------------------------------------------------------------------
+
+
+def bits_per_byte(loss, tokens, enc):
+    """A mean loss in nats per token over these tokens as bits per byte, counting bytes as eval.py
+    does: <|endoftext|> marks where a story ends, it is not text, so it has none."""
+    token_bytes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)
+    token_bytes[enc.eot_token] = 0
+    n_bytes = int(np.bincount(tokens, minlength=enc.n_vocab) @ token_bytes)
+    return loss * len(tokens) / math.log(2) / n_bytes
+
+
+def model_card(name, path, checkpoint, meta, bpb):
+    """README.md for the folder: what the model is, what it was trained on, how well it does."""
+    args, config = checkpoint['model_args'], checkpoint.get('config') or {}
+    n_params = sum(v.numel() for k, v in checkpoint['model'].items() if k not in ('lm_head.weight', 'transformer.wpe.weight'))
+    data = config.get('data_dir', 'unknown data')
+    if meta:
+        data += f" ({meta['train']['tokens']:,} training tokens from {meta.get('source', 'an unknown source')})"
+    init_from = config.get('init_from', 'scratch')
+    origin = 'Trained from scratch' if init_from == 'scratch' else f'Fine-tuned from {init_from}'
+    loss = checkpoint.get('best_val_loss')
+    lines = [f"- Training data: {data}, tokenized with GPT-2's BPE",
+             f"- Steps: {checkpoint.get('iter_num', 'unknown')} (checkpoint {os.path.basename(path)})"]
+    if loss is not None and math.isfinite(loss):
+        lines.append(f"- Validation loss: {loss:.4f} nats/token, the best of train.py's evaluations "
+                     f"({config.get('eval_iters', '?')} batches each)")
+    if bpb:
+        lines.append(f"- Bits per byte: {bpb:.4f} (that loss over the bytes per token of validation.bin; "
+                     "eval.py scores the whole split exactly)")
+    if not args.get('bias', True):
+        lines.append("- Trained without biases; GPT-2's are stored as zeros, which compute the same model")
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [gpt2, tinystories-gpt]
+---
+# {name}
+
+A GPT-2-shaped language model of {n_params / 1e6:.2f}M parameters (not counting position embeddings):
+{args['n_layer']} layers, {args['n_head']} heads, {args['n_embd']} wide, a context of {args['block_size']} tokens.
+{origin} with tinystories-gpt's train.py.
+
+{chr(10).join(lines)}
+
+```python
+from transformers import pipeline
+generate = pipeline('text-generation', model='{name}')
+print(generate('Once upon a time', max_new_tokens=100, do_sample=True)[0]['generated_text'])
+```
+"""
+
+
+if __name__ == '__main__':
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+    export_dir = export_dir or os.path.join(out_dir, 'hf')
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        die(f"export_dir {export_dir} is a file: choose another --export_dir")
+    if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
+        die(f"export_dir {export_dir} already holds files: choose another --export_dir, or replace it with --overwrite=True")
+    path = checkpoint_path(out_dir, ckpt)
+    if os.path.abspath(path).startswith(os.path.join(os.path.abspath(export_dir), '')):
+        die(f"export_dir {export_dir} holds the checkpoint {path}, which replacing it would delete: choose another --export_dir")
+    checkpoint = load_checkpoint(path)
+    arch = architecture(checkpoint['model_args'])  # or one line naming the options it lacks
+    from model import GPT, GPTConfig
+    try:
+        model = GPT(GPTConfig(**checkpoint['model_args']))
+        model.load_state_dict(checkpoint['model'])
+    except (TypeError, RuntimeError) as e:
+        die(f"checkpoint {path} does not fit model.py's GPT: {str(e).splitlines()[0]}")
+
+    # the data it was trained on says which tokenizer it reads, and gives the card its figures
+    data_dir = (checkpoint.get('config') or {}).get('data_dir', '')
+    meta = read_meta(data_dir) if os.path.isfile(os.path.join(data_dir, 'meta.json')) else None
+    kind = (meta or {}).get('tokenizer', 'gpt2')
+    if kind != 'gpt2':  # a trained BPE's tokenizer.json goes here once tokenizer.py has one
+        die(f"{path} reads the {kind!r} tokenizer; export writes GPT-2's tokenizer only")
+    enc = get_tokenizer()
+    if model.config.vocab_size < enc.n_vocab:
+        die(f"{path} has vocab_size={model.config.vocab_size}, too small for the GPT-2 tokenizer ({enc.n_vocab} tokens): "
+            "export needs a model trained on tokenizer=gpt2 data")
+    loss = checkpoint.get('best_val_loss')
+    bpb = None
+    if meta and os.path.isfile(os.path.join(data_dir, 'validation.bin')) and loss is not None and math.isfinite(loss):
+        bpb = bits_per_byte(loss, open_split(data_dir, meta, 'validation'), enc)
+
+    try:
+        parent = os.path.dirname(os.path.abspath(export_dir))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(export_dir)}.tmp')
+    except OSError as e:
+        die(f"cannot write next to export_dir {export_dir}: {e.strerror or e}")
+    try:
+        # a padded vocabulary's extra rows have no token: GPT-2's tokenizer ends at enc.n_vocab
+        save_gpt2(model, tmp, enc.n_vocab, enc.eot_token)
+        save_gpt2_tokenizer(enc, tmp, model.config.block_size)
+        with open(os.path.join(tmp, 'README.md'), 'w') as f:
+            f.write(model_card(os.path.basename(os.path.abspath(export_dir)), path, checkpoint, meta, bpb))
+        # mkdtemp's folder and safetensors' file are private; an exported model is meant to be shared
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
+        os.chmod(tmp, 0o755)
+        if os.path.isdir(export_dir):  # empty, or to be replaced: swap it out, then drop it
+            old = tmp + '.old'
+            os.rename(export_dir, old)
+            os.rename(tmp, export_dir)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, export_dir)
+    except OSError as e:
+        die(f"cannot write export_dir {export_dir}: {e.strerror or e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported {path} (iter {checkpoint.get('iter_num')}) as a {arch} to {export_dir}: "
+          f"{', '.join(sorted(os.listdir(export_dir)))}")
