@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import matplotlib
 matplotlib.use('Agg')  # draw into files; no display needed
@@ -53,13 +54,21 @@ n_head = 6
 n_embd = 384
 dropout = 0.1
 bias = True  # biases in Linears and LayerNorms
-# AdamW
+pos_emb = 'learned'  # 'learned' (GPT-2) or 'rope' (rotary, Llama)
+norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
+mlp = 'gelu'  # 'gelu' (GPT-2) or 'swiglu' (Llama; about as many weights)
+tie_embeddings = True  # the output layer reuses the token embedding (GPT-2); False gives it its own
+rope_theta = 10000.0  # rotary base (pos_emb='rope'): larger turns slower, for longer contexts
+# optimizer: AdamW, or Muon for the matrices inside the blocks
 learning_rate = 1e-3  # peak learning rate
 max_iters = 5000  # optimizer steps in all
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.99  # a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
 grad_clip = 1.0  # clip the gradient norm to this (0 = no clipping)
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the matrices inside the blocks, AdamW for the rest
+muon_learning_rate = 1e-3  # Muon's peak learning rate, on AdamW's scale (match_rms_adamw); scheduled like learning_rate
+muon_momentum = 0.95  # Muon's (Nesterov) momentum
 # learning rate schedule: linear warmup, then cosine decay
 decay_lr = True  # False keeps learning_rate throughout
 warmup_iters = 200
@@ -142,7 +151,8 @@ def get_batch(split):
 
 
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta['vocab_size'], dropout=dropout)
+                  vocab_size=meta['vocab_size'], dropout=dropout, pos_emb=pos_emb, norm=norm, mlp=mlp,
+                  tie_embeddings=tie_embeddings, rope_theta=rope_theta)
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 else:
@@ -151,11 +161,15 @@ else:
         die(f"init_from=resume but there is no {ckpt_path} (train first, or check --out_dir)" if init_from == 'resume'
             else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
     checkpoint = load_checkpoint(ckpt_path, device)
-    saved = checkpoint['model_args']
-    shape = ['n_layer', 'n_head', 'n_embd', 'bias'] + (['block_size'] if init_from == 'resume' else [])
+    saved = asdict(GPTConfig(**checkpoint['model_args']))  # older checkpoints lack the newer options
+    shape = (['n_layer', 'n_head', 'n_embd', 'bias', 'pos_emb', 'norm', 'mlp', 'tie_embeddings', 'rope_theta']
+             + (['block_size'] if init_from == 'resume' else []))
     differ = [f"{k}={saved[k]} (the config says {model_args[k]})" for k in shape if saved[k] != model_args[k]]
     if differ:
         die(f"{ckpt_path} holds a model of another shape: {', '.join(differ)}; train with the config it was made with")
+    if init_from == 'resume' and checkpoint['config'].get('optimizer', 'adamw') != optimizer:
+        die(f"{ckpt_path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}; "
+            f"resume it with that optimizer")
     if block_size > saved['block_size']:
         die(f"{ckpt_path} was trained with block_size={saved['block_size']}; fine-tuning can shrink it, not grow it")
     if model_args['vocab_size'] > saved['vocab_size']:
@@ -170,7 +184,10 @@ model.to(device)
 
 # a GradScaler keeps small fp16 gradients from flushing to zero; it does nothing for other dtypes
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# from here on, `optimizer` is the optimizer that the setting named
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                       muon_learning_rate, muon_momentum)
+lr_scales = [group['lr'] / learning_rate for group in optimizer.param_groups]  # the schedule scales every group alike
 iter_num, best_val_loss = 0, float('inf')
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -311,8 +328,8 @@ evals_since_best, stop = 0, False
 window_time, window_iters = 0.0, 0  # time spent training since the last log line
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+    for group, scale in zip(optimizer.param_groups, lr_scales):
+        group['lr'] = lr * scale
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
         train_loss, val_loss = estimate_loss()

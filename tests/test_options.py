@@ -1,16 +1,17 @@
 """GPTConfig's Llama-style options and the Muon optimizer: cached generation equals recompute for
 each, each trains and resumes bit for bit through train.py, Muon's groups split the parameters
 cleanly, old checkpoints still load, and the full Llama combination is Hugging Face's Llama."""
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from common import load_model
+from common import load_checkpoint, load_model
 from conftest import ROOT, needs_tokenizer
 from model import GPT, GPTConfig
-from test_train import ENV
+from test_train import ENV, assert_error, cycles, metrics, train, write_data
 
 LLAMA = dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', bias=False, tie_embeddings=False)
 OPTIONS = {
@@ -162,7 +163,74 @@ def test_muon_and_adamw_step_save_and_load_as_one_optimizer():
     assert not torch.equal(a.transformer.h[0].attn.c_attn.weight, tiny(**LLAMA).transformer.h[0].attn.c_attn.weight)
 
 
+# ---------------------------------------------------------------------------- train.py
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp('data'), cycles(20000, 0), cycles(4000, 1))
+
+
+def flags(options):
+    return [f'--{k}={v}' for k, v in options.items()]
+
+
+TRAIN_OPTIONS = {name: flags(options) for name, options in OPTIONS.items() if name != 'llama'}
+TRAIN_OPTIONS['muon'] = ['--optimizer=muon', '--muon_learning_rate=2e-2']  # twice TINY's learning_rate
+TRAIN_OPTIONS['llama+muon'] = flags(LLAMA) + TRAIN_OPTIONS['muon']
+RUN = ['--dtype=float32', '--eval_interval=4', '--lr_decay_iters=8', '--dropout=0.1']
+
+
+@pytest.mark.parametrize('name', TRAIN_OPTIONS)
+def test_each_option_trains_and_resumes_exactly(data, tmp_path, name):
+    args = RUN + TRAIN_OPTIONS[name]
+    train(data, tmp_path / 'straight', '--max_iters=8', *args)
+    train(data, tmp_path / 'halves', '--max_iters=4', *args)
+    train(data, tmp_path / 'halves', '--max_iters=8', '--init_from=resume', *args)
+    straight = load_checkpoint(tmp_path / 'straight' / 'last.pt')
+    halves = load_checkpoint(tmp_path / 'halves' / 'last.pt')
+    for name_, weight in straight['model'].items():
+        assert torch.equal(weight, halves['model'][name_]), name_
+    losses = [[(r['iter'], r.get('loss'), r.get('val_loss')) for r in metrics(tmp_path / out)]
+              for out in ('straight', 'halves')]
+    assert losses[0] == losses[1]
+    evals = [r['val_loss'] for r in metrics(tmp_path / 'straight') if 'val_loss' in r]
+    assert evals[-1] < evals[0] - 0.3  # it learns (from ln(64) = 4.16)
+    for key, value in OPTIONS.get(name.split('+')[0], {}).items():
+        assert straight['model_args'][key] == value
+    assert straight['config']['optimizer'] == ('muon' if 'muon' in name else 'adamw')
+    if 'muon' in name:  # the schedule ends both at a tenth of their peaks (min_lr = learning_rate / 10)
+        assert straight['optimizer']['muon']['param_groups'][0]['lr'] == pytest.approx(2e-3)
+        assert [g['lr'] for g in straight['optimizer']['adamw']['param_groups']] == [1e-3, 1e-3]
+
+
+def test_resume_needs_the_same_options_and_optimizer(data, tmp_path):
+    train(data, tmp_path, '--max_iters=2', '--eval_interval=2', '--optimizer=muon', *flags(LLAMA), *RUN)
+    assert_error(train(data, tmp_path, '--init_from=resume', '--max_iters=4', *flags(LLAMA), *RUN, ok=False),
+                 'was trained with optimizer=muon')
+    assert_error(train(data, tmp_path, '--init_from=resume', '--max_iters=4', '--optimizer=muon', *RUN, ok=False),
+                 "pos_emb=rope (the config says learned)")
+    # fine-tuning starts a fresh optimizer, so it may switch
+    train(data, tmp_path / 'tuned', f'--init_from={tmp_path}/last.pt', '--max_iters=2', *flags(LLAMA), *RUN)
+
+
 # ---------------------------------------------------------------------------- old checkpoints
+
+def test_a_checkpoint_without_the_new_model_args_resumes_as_before(data, tmp_path):
+    """A GPT-2 recipe checkpoint from before the options: model_args and config lack their keys."""
+    train(data, tmp_path / 'new', '--max_iters=4', *RUN)
+    shutil.copytree(tmp_path / 'new', tmp_path / 'old')
+    train(data, tmp_path / 'new', '--max_iters=6', '--init_from=resume', *RUN)
+    ckpt = load_checkpoint(tmp_path / 'old' / 'last.pt')
+    for key in ('pos_emb', 'norm', 'mlp', 'tie_embeddings', 'rope_theta'):
+        del ckpt['model_args'][key]
+    for key in ('pos_emb', 'norm', 'mlp', 'tie_embeddings', 'rope_theta', 'optimizer', 'muon_learning_rate',
+                'muon_momentum'):
+        del ckpt['config'][key]
+    torch.save(ckpt, tmp_path / 'old' / 'last.pt')
+    train(data, tmp_path / 'old', '--max_iters=6', '--init_from=resume', *RUN)
+    new, old = (load_checkpoint(tmp_path / out / 'last.pt')['model'] for out in ('new', 'old'))
+    assert all(torch.equal(new[k], old[k]) for k in new)
+
 
 @needs_tokenizer
 def test_a_nanogpt_checkpoint_loads_and_samples(tmp_path):
