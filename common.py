@@ -128,7 +128,7 @@ def load_model(path, device='cpu'):
     try:
         model = GPT(GPTConfig(**ckpt['model_args']))
         model.load_state_dict(ckpt['model'])
-    except (TypeError, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         die(f"checkpoint {path} does not fit model.py's GPT: {str(e).splitlines()[0]}")
     return model.to(device).eval(), ckpt
 

@@ -1,8 +1,10 @@
 """
 The GPT language model, in the shape of GPT-2 and nanoGPT (same module and parameter names):
 token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and a GELU
-MLP, tied input/output embeddings. Generation uses a KV cache: one pass over the prompt, then
-one token per step.
+MLP, tied input/output embeddings. GPTConfig's options turn it into a Llama-style model piece by
+piece (rotary positions, RMSNorm, SwiGLU, no biases, a separate output layer); with all of them it
+maps one to one onto Hugging Face's LlamaForCausalLM. Generation uses a KV cache: one pass over
+the prompt, then one token per step.
 """
 import inspect
 import math
@@ -25,6 +27,46 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
 
 
+class RMSNorm(nn.Module):
+    """Llama's normalisation: divide by the root mean square, scale by a gain; no mean, no bias."""
+
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, 1e-5)
+
+
+def make_norm(config):
+    return RMSNorm(config.n_embd) if config.norm == 'rmsnorm' else LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings in Hugging Face Llama's convention: a head's dimension i is paired
+    with i + head_dim/2 (rotate_half, not interleaved pairs), pair i turning at theta^(-2i/head_dim)
+    radians per position."""
+
+    def __init__(self, head_dim, block_size, theta):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        angles = torch.outer(torch.arange(block_size, dtype=torch.float), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer('cos', angles.cos(), persistent=False)
+        self.register_buffer('sin', angles.sin(), persistent=False)
+
+    def forward(self, x, pos):
+        """x (B, n_head, T, head_dim) holds positions pos..pos+T-1."""
+        cos = self.cos[pos:pos + x.size(2)].to(x.dtype)
+        sin = self.sin[pos:pos + x.size(2)].to(x.dtype)
+        return x * cos + rotate_half(x) * sin
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -42,6 +84,8 @@ class CausalSelfAttention(nn.Module):
         self.flash = hasattr(F, 'scaled_dot_product_attention')
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer('mask', mask, persistent=False)
+        self.rotary = (Rotary(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+                       if config.pos_emb == 'rope' else None)
 
     def forward(self, x, kv=None, pos=0):
         """x holds the tokens at positions pos..pos+T-1; kv, when given, is this layer's
@@ -49,6 +93,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if self.rotary is not None:  # the cache keeps keys already rotated to their positions
+            q, k = self.rotary(q, pos), self.rotary(k, pos)
         if kv is not None:
             kv[0][:, :, pos:pos + T] = k
             kv[1][:, :, pos:pos + T] = v
@@ -80,14 +126,31 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class SwiGLU(nn.Module):
+    """Llama's MLP, silu(x W_gate) * (x W_up) W_down, with gate and up in one matmul (c_fc). Its
+    hidden size is Llama's: 2/3 of 4 * n_embd, rounded up to a multiple of 64, so its three
+    matrices hold about as many weights as the GELU MLP's two (exactly as many at n_embd=384, 768)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden = math.ceil(8 * config.n_embd // 3 / 64) * 64
+        self.c_fc = nn.Linear(config.n_embd, 2 * self.hidden, bias=config.bias)
+        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).split(self.hidden, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
 class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == 'swiglu' else MLP(config)
 
     def forward(self, x, kv=None, pos=0):
         x = x + self.attn(self.ln_1(x), kv, pos)
@@ -103,6 +166,49 @@ class GPTConfig:
     n_embd: int = 384
     dropout: float = 0.0
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2
+    pos_emb: str = 'learned'  # 'learned' (GPT-2's wpe) or 'rope' (rotary, as Llama)
+    norm: str = 'layernorm'  # 'layernorm' or 'rmsnorm' (Llama's; it never has a bias)
+    mlp: str = 'gelu'  # 'gelu' or 'swiglu' (Llama's)
+    tie_embeddings: bool = True  # the output layer reuses the token embedding, as GPT-2; False: its own
+    rope_theta: float = 10000.0  # rotary base: pair i turns at rope_theta^(-2i/head_dim) per position
+
+    def __post_init__(self):
+        for name, allowed in (('pos_emb', ('learned', 'rope')), ('norm', ('layernorm', 'rmsnorm')),
+                              ('mlp', ('gelu', 'swiglu'))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(map(repr, allowed))}")
+        if self.pos_emb == 'rope' and (self.n_embd % self.n_head or self.n_embd // self.n_head % 2):
+            raise ValueError(f"pos_emb='rope' needs an even head size, n_embd/n_head = {self.n_embd}/{self.n_head}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+
+class MuonWithAdamW:
+    """Muon and AdamW stepped as one optimizer, so that train.py's learning-rate schedule, gradient
+    clipping, GradScaler and checkpoints handle it as they handle AdamW alone: one param_groups
+    list (Muon's group first; the dicts are the optimizers' own), one state_dict."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict replaces an optimizer's groups
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self):
+        return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        self.muon.load_state_dict(state['muon'])
+        self.adamw.load_state_dict(state['adamw'])
 
 
 class KVCache:
@@ -122,14 +228,15 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            # rotary positions live in the attention; learned ones are added to the input here
+            **({'wpe': nn.Embedding(config.block_size, config.n_embd)} if config.pos_emb == 'learned' else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=make_norm(config),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the output layer reuses the token embedding (saves vocab*n_embd params)
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_embeddings:  # the output layer reuses the token embedding (saves vocab*n_embd params)
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled so the residual stream's variance stays put with depth
         for name, p in self.named_parameters():
@@ -145,11 +252,13 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding=True):
-        """Parameter count; the position embeddings are left out by default (the token
-        embeddings are counted once, as the tied output layer's weights)."""
+        """Parameter count; by default without the tables that are only looked up, not multiplied:
+        the position embeddings, and the token embeddings when the output layer has its own weights
+        (tied, they are counted once, as the output layer's)."""
         n_params = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n_params -= self.transformer.wpe.weight.numel()
+            n_params -= sum(self.transformer[name].weight.numel() for name in ('wpe', 'wte')
+                            if name in self.transformer and self.transformer[name].weight is not self.lm_head.weight)
         return n_params
 
     def forward(self, idx, targets=None, cache=None):
@@ -160,8 +269,10 @@ class GPT(nn.Module):
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of length {pos + T} is longer than block_size={self.config.block_size}")
-        positions = torch.arange(pos, pos + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        x = self.transformer.wte(idx)
+        if 'wpe' in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(pos, pos + T, dtype=torch.long, device=idx.device))
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache.layers[i] if cache is not None else None, pos)
         x = self.transformer.ln_f(x)
@@ -178,20 +289,37 @@ class GPT(nn.Module):
         if block_size > self.config.block_size:
             raise ValueError(f"cannot grow block_size from {self.config.block_size} to {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if 'wpe' in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
         for block in self.transformer.h:
             block.attn.mask = block.attn.mask[:block_size, :block_size]
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        """AdamW with weight decay on 2-D weights only (matmuls and embeddings), not on biases
-        and LayerNorm gains; the fused kernel on CUDA."""
-        params = [p for p in self.parameters() if p.requires_grad]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, optimizer='adamw',
+                             muon_learning_rate=1e-3, muon_momentum=0.95):
+        """AdamW with weight decay on 2-D weights only (matmuls and embeddings), not on biases and
+        norm gains; the fused kernel on CUDA. optimizer='muon' moves the blocks' matrices to Muon
+        (the rest stays with AdamW): see MuonWithAdamW."""
+        if optimizer not in ('adamw', 'muon'):
+            raise ValueError(f"optimizer={optimizer!r} is not one of 'adamw', 'muon'")
+        to_muon, rest = [], []
+        for name, p in self.named_parameters():  # a tied weight comes once, as transformer.wte.weight
+            if p.requires_grad:
+                in_block = name.startswith('transformer.h.') and p.dim() == 2
+                (to_muon if optimizer == 'muon' and in_block else rest).append(p)
         groups = [
-            {'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-            {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0},
+            {'params': [p for p in rest if p.dim() >= 2], 'weight_decay': weight_decay},
+            {'params': [p for p in rest if p.dim() < 2], 'weight_decay': 0.0},
         ]
         fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
+        if optimizer == 'adamw':
+            return adamw
+        # match_rms_adamw (Moonshot's "Muon is Scalable"): the update's RMS matches a typical AdamW
+        # step's, so muon_learning_rate and weight_decay live on AdamW's scale rather than Keller
+        # Jordan's original (lr ~0.02, whose step size also depends on the matrix's aspect ratio)
+        muon = torch.optim.Muon(to_muon, lr=muon_learning_rate, weight_decay=weight_decay, momentum=muon_momentum,
+                                adjust_lr_fn='match_rms_adamw')
+        return MuonWithAdamW(muon, adamw)
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""

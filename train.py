@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 
 import matplotlib
 matplotlib.use('Agg')  # draw into files; no display needed
@@ -59,13 +60,21 @@ n_head = 6  # >= 1
 n_embd = 384  # a multiple of n_head
 dropout = 0.1  # in [0, 1)
 bias = True  # biases in Linears and LayerNorms
-# AdamW
+pos_emb = 'learned'  # 'learned' (GPT-2) or 'rope' (rotary, Llama)
+norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
+mlp = 'gelu'  # 'gelu' (GPT-2) or 'swiglu' (Llama; about as many weights)
+tie_embeddings = True  # the output layer reuses the token embedding (GPT-2); False gives it its own
+rope_theta = 10000.0  # rotary base (pos_emb='rope', > 0): larger turns slower, for longer contexts
+# optimizer: AdamW, or Muon for the matrices inside the blocks
 learning_rate = 1e-3  # peak learning rate (> 0)
 max_iters = 5000  # optimizer steps in all (>= 0)
 weight_decay = 0.1  # >= 0
 beta1 = 0.9  # in [0, 1)
 beta2 = 0.99  # in [0, 1); a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
 grad_clip = 1.0  # clip the gradient norm to this (>= 0; 0 = no clipping)
+optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the matrices inside the blocks, AdamW for the rest
+muon_learning_rate = 1e-3  # Muon's peak learning rate (> 0), on AdamW's scale (match_rms_adamw); scheduled like learning_rate
+muon_momentum = 0.95  # Muon's (Nesterov) momentum, in [0, 1)
 # learning rate schedule: linear warmup, then cosine decay
 decay_lr = True  # False keeps learning_rate throughout
 warmup_iters = 200  # >= 0
@@ -86,7 +95,10 @@ for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'pati
              'n_embd % n_head == 0', '0 <= dropout < 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
              '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', 'warmup_iters >= 0', 'min_lr >= 0',
              'not decay_lr or lr_decay_iters >= warmup_iters', 'peak_flops >= 0', "backend in ('auto', 'nccl', 'gloo')",
-             "dtype in ('auto', 'float32', 'bfloat16', 'float16')"):
+             "dtype in ('auto', 'float32', 'bfloat16', 'float16')", "pos_emb in ('learned', 'rope')",
+             "norm in ('layernorm', 'rmsnorm')", "mlp in ('gelu', 'swiglu')", 'rope_theta > 0',
+             "pos_emb != 'rope' or n_embd // n_head % 2 == 0", "optimizer in ('adamw', 'muon')",
+             'muon_learning_rate > 0', '0 <= muon_momentum < 1'):
     if not eval(rule, {}, config):
         got = ', '.join(f'{k}={config[k]!r}' for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in config)
         die(f"need {rule}, got {got}")
@@ -164,6 +176,9 @@ def get_batch(split):
 
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta['vocab_size'], dropout=dropout)
+# only the options that differ from GPT-2's recipe are stored, so that nanoGPT reads a default model's checkpoint
+options = dict(pos_emb=pos_emb, norm=norm, mlp=mlp, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
+model_args.update({k: v for k, v in options.items() if v != getattr(GPTConfig, k)})
 if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
@@ -187,10 +202,19 @@ else:
                 f"fine-tune it instead, --init_from={ckpt_path} with another --out_dir")
     if missing:
         die(f"{ckpt_path} lacks {', '.join(missing)}: it is not a complete train.py checkpoint")
-    shape = ['n_layer', 'n_head', 'n_embd', 'bias'] + (['block_size'] if init_from == 'resume' else [])
-    differ = [f"{k}={saved[k]} (the config says {model_args[k]})" for k in shape if saved[k] != model_args[k]]
+    try:
+        saved = asdict(GPTConfig(**saved))  # older checkpoints lack the newer options: theirs are the defaults
+    except (TypeError, ValueError) as e:
+        die(f"{ckpt_path} holds model_args that model.py cannot build: {e}")
+    shape = (['n_layer', 'n_head', 'n_embd', 'bias', 'pos_emb', 'norm', 'mlp', 'tie_embeddings', 'rope_theta']
+             + (['block_size'] if init_from == 'resume' else []))
+    wanted = asdict(GPTConfig(**model_args))
+    differ = [f"{k}={saved[k]} (the config says {wanted[k]})" for k in shape if saved[k] != wanted[k]]
     if differ:
         die(f"{ckpt_path} holds a model of another shape: {', '.join(differ)}; train with the config it was made with")
+    if init_from == 'resume' and checkpoint['config'].get('optimizer', 'adamw') != optimizer:
+        die(f"{ckpt_path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}; "
+            f"resume it with that optimizer")
     if block_size > saved['block_size']:
         die(f"{ckpt_path} was trained with block_size={saved['block_size']}; fine-tuning can shrink it, not grow it")
     if model_args['vocab_size'] > saved['vocab_size']:
@@ -208,7 +232,10 @@ model.to(device)
 
 # a GradScaler keeps small fp16 gradients from flushing to zero; it does nothing for other dtypes
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+# from here on, `optimizer` is the optimizer that the setting named
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                       muon_learning_rate, muon_momentum)
+lr_scales = [group['lr'] / learning_rate for group in optimizer.param_groups]  # the schedule scales every group alike
 iter_num, best_val_loss = 0, float('inf')
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
@@ -366,8 +393,8 @@ evals_since_best, stop = 0, False
 window_time, window_iters = 0.0, 0  # time spent training since the last log line
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for group in optimizer.param_groups:
-        group['lr'] = lr
+    for group, scale in zip(optimizer.param_groups, lr_scales):
+        group['lr'] = lr * scale
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
         train_loss, val_loss = estimate_loss()
