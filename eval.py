@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, open_split, read_meta
+from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, open_split, read_meta
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)

@@ -23,7 +23,8 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
-from common import atomic_output, die, get_tokenizer, remove_stale_temps
+from common import atomic_output, die, remove_stale_temps
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob

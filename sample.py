@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from common import checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, log
+from common import checkpoint_path, die, get_device, get_dtype, load_model, log
+from tokenizer import get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)

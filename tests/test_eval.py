@@ -26,7 +26,7 @@ STORIES = ['Once upon a time, there was a little cat named Tom. Tom liked milk a
 
 @pytest.fixture(scope='module')
 def enc():
-    from common import get_tokenizer
+    from tokenizer import get_tokenizer
     return get_tokenizer()
 
 

@@ -23,7 +23,7 @@ def save_checkpoint(model, path):
 
 @pytest.fixture(scope='module')
 def enc():
-    from common import get_tokenizer
+    from tokenizer import get_tokenizer
     return get_tokenizer()
 
 
