@@ -113,7 +113,7 @@ if 'sample' in parts:
 if 'prepare' in parts:
     import datasets
     from prepare import tokenize_batch
-    from common import get_tokenizer
+    from tokenizer import get_tokenizer
     enc = get_tokenizer()
     with open(text_file) as f:
         docs = [d.strip() for d in f.read().split('<|endoftext|>') if d.strip()]

@@ -177,17 +177,6 @@ def open_split(data_dir, meta, split):
     return data
 
 
-def get_tokenizer():
-    """tiktoken's GPT-2 BPE. Offline, it needs TIKTOKEN_CACHE_DIR pointing at its cached files."""
-    import tiktoken
-    try:
-        return tiktoken.get_encoding('gpt2')
-    except Exception as e:
-        die(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
-            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's gpt2 files, e.g. "
-            "export TIKTOKEN_CACHE_DIR=$PWD/../shared/tiktoken-cache")
-
-
 def log(*args):
     """Progress and diagnostics go to stderr, so stdout stays the script's real output."""
     print(*args, file=sys.stderr, flush=True)

@@ -2,7 +2,8 @@
 Score a checkpoint on a split of the prepared data: mean cross-entropy (nats per token),
 perplexity and bits per byte. The whole split is read in consecutive, non-overlapping windows
 of block_size tokens, each predicting its tokens from its own context, so every token but the
-first is scored exactly once and every run gives the same numbers.
+first is scored exactly once and every run gives the same numbers. The data must be made with the
+tokenizer the checkpoint was trained with, which the checkpoint holds.
   $ python eval.py --out_dir=out-nano
   $ python eval.py --ckpt=last --split=train --max_tokens=1000000 --json_out=eval.json
 """
@@ -14,7 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, open_split, read_meta
+from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, open_split, read_meta
+from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
@@ -40,15 +42,17 @@ if batch_size < 1:
 device = get_device(device)
 device_type = device.split(':')[0]
 dtype = get_dtype(dtype, device_type)
-enc = get_tokenizer()
 
 path = checkpoint_path(out_dir, ckpt)
 model, checkpoint = load_model(path, device)
+tokenizer = checkpoint_tokenizer(checkpoint)
+enc = get_tokenizer(tokenizer)
 block_size = model.config.block_size
 data_dir = data_dir or (checkpoint.get('config') or {}).get('data_dir')
 if not data_dir:
     die(f"{path} does not say which data it was trained on: give --data_dir")
 meta = read_meta(data_dir)
+check_same(data_tokenizer(data_dir, meta), tokenizer, data_dir, path)
 if meta['vocab_size'] > model.config.vocab_size:
     die(f"{data_dir} has vocab_size={meta['vocab_size']}, more than the model's {model.config.vocab_size}")
 bin_path = os.path.join(data_dir, f'{split}.bin')
@@ -59,7 +63,8 @@ if n < 1:
 if max_tokens:
     n = min(n, max_tokens)
 
-# bytes of the scored text: each token's UTF-8 bytes, which add up to the decoded text's length.
+# bytes of the scored text: each token's UTF-8 bytes, which add up to the decoded text's length
+# whatever the tokenizer (a token may hold part of a character, the next one the rest).
 # <|endoftext|> counts 0 bytes: it marks where a story ends, it is not text (its nats do count,
 # since predicting the end of a story is part of modelling it)
 token_bytes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)

@@ -1,6 +1,7 @@
 """
 Turn a story dataset into the token files train.py reads: train.bin and validation.bin (one flat
-stream of GPT-2 tokens each, every document followed by <|endoftext|>) and meta.json.
+stream of tokens each, every document followed by <|endoftext|>) and meta.json; with a trained
+tokenizer (--tokenizer=bpe:N) also its tokenizer.json.
   $ python prepare.py                          # roneneldan/TinyStories from the Hugging Face hub
   $ python prepare.py --source=../shared/data/tinystories/train-sample.txt \
         --val_source=../shared/data/tinystories/valid-sample.txt --data_dir=data/sample
@@ -17,13 +18,15 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 
 import datasets
 import numpy as np
 from tqdm import tqdm
 
-from common import atomic_output, die, get_tokenizer, remove_stale_temps
+from common import atomic_output, die, remove_stale_temps
+from tokenizer import GPT2, get_tokenizer, meta_fields, parse_name, train_bpe
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
@@ -32,17 +35,13 @@ val_fraction = 0.05  # share (0..1, exclusive) of the train documents held out (
 seed = 1337  # seed of that split (>= 0)
 max_docs = 0  # keep only the first max_docs documents of each source (0 = all), for quick demos
 text_field = 'text'  # the field holding the text in hub, .jsonl/.json and .parquet sources
-data_dir = 'data/tinystories'  # where train.bin, validation.bin and meta.json go
+tokenizer = 'gpt2'  # 'gpt2' (tiktoken) or 'bpe:N' (N from 257 to 65535: a byte-level BPE trained on the train documents)
+data_dir = 'data/tinystories'  # where train.bin, validation.bin, meta.json (and tokenizer.json) go
 batch_size = 1024  # documents tokenized at a time (>= 1): bounds memory, hardly matters for speed
 num_threads = 0  # tokenizer threads (>= 0; 0 = one per CPU core)
 force = False  # redo the work even when data_dir already holds it
 # -----------------------------------------------------------------------------
 FORMATS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
-
-
-def token_dtype(vocab_size):
-    """The smallest unsigned numpy dtype (by name) that holds every token id."""
-    return 'uint16' if vocab_size <= 2**16 else 'uint32'
 
 
 def tokenize_batch(enc, texts, dtype='uint16', num_threads=0):
@@ -176,23 +175,25 @@ if __name__ == '__main__':
         die(f"batch_size must be at least 1, got {batch_size}")
     if num_threads < 0:
         die(f"num_threads must be >= 0 (0 is one per CPU core), got {num_threads}")
+    bpe_size = parse_name(tokenizer)  # 0 for gpt2
     remove_stale_temps(data_dir)  # what a killed run left
     files = local_files(source), (local_files(val_source) if val_source else None)
-    enc = get_tokenizer()
-    dtype = token_dtype(enc.n_vocab)
-    options = {k: config[k] for k in ('source', 'val_source', 'val_fraction', 'seed', 'max_docs', 'text_field')}
-    options['tokenizer'] = enc.name
+    if not bpe_size:
+        get_tokenizer(GPT2)  # fail now if tiktoken cannot load it, not after reading the sources
+    options = {k: config[k] for k in ('source', 'val_source', 'val_fraction', 'seed', 'max_docs', 'text_field',
+                                      'tokenizer')}
     options['files'] = hashlib.sha1(json.dumps(files).encode()).hexdigest()  # so an edited file is prepared again
 
     # skip the work when data_dir already holds exactly these tokens
-    meta_path = os.path.join(data_dir, 'meta.json')
+    meta_path, tokenizer_path = os.path.join(data_dir, 'meta.json'), os.path.join(data_dir, 'tokenizer.json')
     bins = {split: os.path.join(data_dir, f'{split}.bin') for split in ('train', 'validation')}
     if not force and os.path.isfile(meta_path):
         try:
             with open(meta_path) as f:
                 old = json.load(f)
             done = old['options'] == options and all(
-                os.path.getsize(p) == old[s]['tokens'] * np.dtype(old['dtype']).itemsize for s, p in bins.items())
+                os.path.getsize(p) == old[s]['tokens'] * np.dtype(old['dtype']).itemsize for s, p in bins.items()) and (
+                not bpe_size or os.path.isfile(tokenizer_path))
         except (OSError, ValueError, KeyError, TypeError):
             done = False
         if done:
@@ -217,26 +218,37 @@ if __name__ == '__main__':
         train, val = train.select(np.flatnonzero(~is_val)), train.select(np.flatnonzero(is_val))
         val_from = f"{n_val} documents of {source} held out (val_fraction={val_fraction}, seed={seed})"
 
-    # tokenize into temporary files; only when both are complete do they and meta.json replace the
-    # old ones, so a failed or interrupted run leaves the old data usable. Renamed .bin files first,
-    # meta.json last: in the moment between, common.open_split sees the sizes disagree with meta.json
+    # train the tokenizer and tokenize into temporary files; only when all are complete do they and
+    # meta.json replace the old ones, so a failed or interrupted run leaves the old data usable. Renamed
+    # .bin files and tokenizer.json first, meta.json last: in the moment between, common.open_split
+    # sees the sizes disagree with meta.json
     try:
         os.makedirs(data_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=data_dir).close()  # fail now, not after an hour of tokenizing
-        with atomic_output(meta_path) as meta_tmp, atomic_output(bins['train']) as train_tmp, \
-                atomic_output(bins['validation']) as val_tmp:
+        with atomic_output(meta_path) as meta_tmp, (atomic_output(tokenizer_path) if bpe_size else nullcontext()) as \
+                tokenizer_tmp, atomic_output(bins['train']) as train_tmp, atomic_output(bins['validation']) as val_tmp:
+            state = GPT2
+            if bpe_size:
+                # the train documents only, streamed: validation text must not shape the tokens it is scored in
+                texts = (t for batch in train.iter(batch_size) for t in batch[text_field] if t)
+                state = {'name': tokenizer, 'json': train_bpe(texts, bpe_size, len(train))}
+                with open(tokenizer_tmp, 'w', encoding='utf-8') as f:
+                    f.write(state['json'])
+            enc = get_tokenizer(state)
+            dtype = meta_fields(enc)['dtype']
             t1 = time.time()
             stats = {split: write_tokens(ds, tmp, f'{split}.bin', enc, dtype)
                      for split, ds, tmp in (('train', train, train_tmp), ('validation', val, val_tmp))}
             t2 = time.time()
             stats['train']['from'], stats['validation']['from'] = source, val_from
-            meta = {'tokenizer': enc.name, 'vocab_size': enc.n_vocab, 'eot_token': enc.eot_token, 'dtype': dtype,
-                    **stats, 'source': source, 'options': options}
+            meta = {**meta_fields(enc), **stats, 'source': source, 'options': options}
             with open(meta_tmp, 'w') as f:
                 json.dump(meta, f, indent=2)
+        if not bpe_size and os.path.exists(tokenizer_path):
+            os.remove(tokenizer_path)  # an earlier bpe run's, which meta.json no longer names
     except OSError as e:
         die(f"cannot write to data_dir {data_dir}: {e.strerror or e}")
     tokens, docs = (stats['train'][k] + stats['validation'][k] for k in ('tokens', 'documents'))
-    print(f"prepared {data_dir}: {tokens:,} tokens in {docs:,} documents (train {stats['train']['tokens']:,} tokens, "
-          f"validation {stats['validation']['tokens']:,}), {time.time() - t0:.1f}s in all, tokenizing and writing "
-          f"{t2 - t1:.1f}s at {tokens / (t2 - t1):,.0f} tokens/s")
+    print(f"prepared {data_dir} with {enc.name}: {tokens:,} tokens in {docs:,} documents "
+          f"(train {stats['train']['tokens']:,} tokens, validation {stats['validation']['tokens']:,}), "
+          f"{time.time() - t0:.1f}s in all, tokenizing and writing {t2 - t1:.1f}s at {tokens / (t2 - t1):,.0f} tokens/s")

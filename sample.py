@@ -3,6 +3,7 @@ Write stories with a model trained by train.py.
   $ python sample.py --start="Once upon a time"
   $ python sample.py --start=FILE:prompt.txt --num_samples=3 --ckpt=last --temperature=0.7
 The stories go to stdout (a single one is printed as it is written); the speed goes to stderr.
+The checkpoint holds its tokenizer, so sample.py needs no data_dir.
 """
 import codecs
 import math
@@ -12,7 +13,8 @@ import time
 
 import torch
 
-from common import checkpoint_path, die, get_device, get_dtype, get_tokenizer, load_model, log
+from common import checkpoint_path, die, get_device, get_dtype, load_model, log
+from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
@@ -34,9 +36,9 @@ compile = False  # torch.compile the model: slow to start, pays off only for lon
 
 
 def decode_utf8(tokens, enc):
-    """Yield the text of a stream of token ids as soon as it forms whole characters: a GPT-2
-    token can end inside a multi-byte UTF-8 character that the next token completes. Joined,
-    the pieces equal enc.decode(tokens); bytes that never form a character become U+FFFD."""
+    """Yield the text of a stream of token ids as soon as it forms whole characters: a token, of
+    GPT-2 or of a byte-level BPE, can end inside a multi-byte UTF-8 character that the next token
+    completes. Joined, the pieces equal enc.decode(tokens); bytes that never form a character become U+FFFD."""
     decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
     for t in tokens:
         # ids past the tokenizer's (a vocabulary padded for speed) have no text
@@ -75,13 +77,13 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
             die(f"cannot read the prompt file {start[len('FILE:'):]}: {getattr(e, 'strerror', None) or e}")
     device = get_device(device)
     dtype = get_dtype(dtype, device.split(':')[0])
-    enc = get_tokenizer()
 
     path = checkpoint_path(out_dir, ckpt)
-    model, _ = load_model(path, device)
+    model, checkpoint = load_model(path, device)
+    enc = get_tokenizer(checkpoint_tokenizer(checkpoint))
     block_size = model.config.block_size
     if model.config.vocab_size < enc.n_vocab:
-        die(f"{path} has vocab_size={model.config.vocab_size}, too small for the GPT-2 tokenizer ({enc.n_vocab})")
+        die(f"{path} has vocab_size={model.config.vocab_size}, too small for its tokenizer {enc.name} ({enc.n_vocab})")
     if window_shift is None:
         # re-reading the window at every token past block_size (window_shift=1) is 3x slower than
         # cached steps; every block_size // 4 tokens it adds ~5%, and the context stays >= 3/4 of it

@@ -26,7 +26,7 @@ STORIES = ['Once upon a time, there was a little cat named Tom. Tom liked milk a
 
 @pytest.fixture(scope='module')
 def enc():
-    from common import get_tokenizer
+    from tokenizer import get_tokenizer
     return get_tokenizer()
 
 
@@ -79,7 +79,7 @@ def by_hand(model, tokens, enc):
             logits, _ = model(x[None], y[None])
             nats += F.cross_entropy(logits[0], y, reduction='sum').item()
     n = len(tokens) - 1
-    n_bytes = len(enc.decode_bytes([t for t in tokens[1:] if t != EOT]))
+    n_bytes = len(enc.decode_bytes([t for t in tokens[1:] if t != enc.eot_token]))
     return dict(tokens=n, bytes=n_bytes, windows=math.ceil(n / BLOCK), loss=nats / n,
                 perplexity=math.exp(nats / n), bits_per_byte=nats / math.log(2) / n_bytes)
 
@@ -156,3 +156,71 @@ def test_truncated_bin_is_one_error_line(setup, tmp_path):
     assert run.stderr.splitlines()[-1] == (f"error: {tmp_path / 'data' / 'validation.bin'} does not hold the 138 uint16 "
                                        "tokens that meta.json lists (truncated or replaced?): run prepare.py again with --force=True")
     assert 'Traceback' not in run.stderr
+
+
+@pytest.fixture(scope='module')
+def bpe_setup(tmp_path_factory):
+    """As setup, with a bpe:300 tokenizer that splits the café's é and the 🐶 across tokens: the
+    validation split is whole stories, so its bytes are the stories' UTF-8 bytes."""
+    import tokenizer
+    root = tmp_path_factory.mktemp('eval-bpe')
+    state = {'name': 'bpe:300', 'json': tokenizer.train_bpe(STORIES * 5, 300)}
+    enc = tokenizer.get_tokenizer(state)
+    assert enc.name == 'bpe:300' and len(enc.encode_ordinary('🐶')) > 1
+    stories = STORIES * 2
+    tokens = [enc.eot_token] + [t for s in stories for t in enc.encode_ordinary(s) + [enc.eot_token]]
+    write_bpe(root / 'data', state, tokens)
+    args = {**MODEL_ARGS, 'vocab_size': enc.n_vocab}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args)).eval()
+    torch.save({'model': model.state_dict(), 'model_args': args, 'iter_num': 3, 'tokenizer': state,
+                'config': {'data_dir': str(root / 'data')}}, root / 'best.pt')
+    return root, model, tokens, stories, enc
+
+
+def write_bpe(data_dir, state, tokens):
+    """A validation split as prepare.py --tokenizer=bpe:N writes it."""
+    import tokenizer
+    os.makedirs(data_dir, exist_ok=True)
+    (data_dir / 'tokenizer.json').write_text(state['json'], encoding='utf-8')
+    meta = tokenizer.meta_fields(tokenizer.get_tokenizer(state))
+    np.array(tokens, dtype=meta['dtype']).tofile(data_dir / 'validation.bin')
+    meta['validation'] = {'tokens': len(tokens), 'documents': 0}
+    (data_dir / 'meta.json').write_text(json.dumps(meta))
+
+
+def test_bpe_bits_per_byte_counts_the_stories_bytes(bpe_setup, tmp_path):
+    root, model, tokens, stories, enc = bpe_setup
+    assert len(tokens) - 1 > 2 * BLOCK  # several windows
+    evaluate(root, '--batch_size=2', f'--json_out={tmp_path / "eval.json"}')
+    results = json.loads((tmp_path / 'eval.json').read_text())
+    expected = by_hand(model, tokens, enc)
+    assert expected['bytes'] == sum(len(s.encode('utf-8')) for s in stories)  # <|endoftext|> counts none
+    check(results, expected)
+
+
+def test_bpe_checkpoint_evaluates_data_prepared_elsewhere(bpe_setup, tmp_path):
+    """The checkpoint holds its tokenizer: its own data_dir may be gone, eval reads the one it is given."""
+    root, model, tokens, _, enc = bpe_setup
+    os.rename(root / 'data', tmp_path / 'moved')
+    try:
+        out = evaluate(root, f'--data_dir={tmp_path / "moved"}', f'--json_out={tmp_path / "eval.json"}')
+    finally:
+        os.rename(tmp_path / 'moved', root / 'data')
+    check(json.loads((tmp_path / 'eval.json').read_text()), by_hand(model, tokens, enc))
+    assert str(tmp_path / 'moved') in out
+
+
+def test_data_of_another_tokenizer_is_refused_in_one_line(setup, bpe_setup, tmp_path):
+    import tokenizer
+    gpt2_root, bpe_root = setup[0], bpe_setup[0]
+    other = {'name': 'bpe:300', 'json': tokenizer.train_bpe(STORIES[:2] * 5, 300)}  # other train documents
+    write_bpe(tmp_path / 'other', other, [0, 1, 2, 3])
+    for root, data_dir, data, ckpt in ((bpe_root, gpt2_root / 'data', 'gpt2', 'bpe:300'),
+                                       (gpt2_root, bpe_root / 'data', 'bpe:300', 'gpt2'),
+                                       (bpe_root, tmp_path / 'other', 'bpe:300', 'another bpe:300, trained on other documents')):
+        with pytest.raises(SystemExit) as e:
+            evaluate(root, f'--data_dir={data_dir}')
+        says = f"error: {data_dir} was prepared with tokenizer {data}, but {root / 'best.pt'} was trained with {ckpt}: "
+        assert str(e.value).startswith(says + "use data prepared with the checkpoint's tokenizer")
+        assert '\n' not in str(e.value)

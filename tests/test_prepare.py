@@ -16,6 +16,7 @@ import tiktoken
 from conftest import ROOT, TINYSTORIES, needs_shared, needs_tokenizer
 import common
 import prepare
+import tokenizer
 
 PREPARE = os.path.join(ROOT, 'prepare.py')
 STORIES = [f"Story {i}: once upon a time a {animal} found {i} shiny stones. The end."
@@ -66,9 +67,9 @@ def txt_docs(path):
 
 
 def test_token_dtype():
-    assert prepare.token_dtype(50257) == 'uint16'
-    assert prepare.token_dtype(65536) == 'uint16'
-    assert prepare.token_dtype(100277) == 'uint32'
+    assert tokenizer.token_dtype(50257) == 'uint16'
+    assert tokenizer.token_dtype(65536) == 'uint16'
+    assert tokenizer.token_dtype(100277) == 'uint32'
 
 
 @needs_tokenizer
@@ -86,7 +87,7 @@ def test_tokenize_batch_matches_tiktoken():
 def test_round_trip_and_counts_on_samples(tmp_path, monkeypatch, capsys):
     train, valid = os.path.join(TINYSTORIES, 'train-sample.txt'), os.path.join(TINYSTORIES, 'valid-sample.txt')
     run_prepare(monkeypatch, f'--source={train}', f'--val_source={valid}', f'--data_dir={tmp_path / "d"}')
-    assert capsys.readouterr().out.startswith(f"prepared {tmp_path / 'd'}: ")
+    assert capsys.readouterr().out.startswith(f"prepared {tmp_path / 'd'} with gpt2: ")
     meta, tokens = read(tmp_path / 'd')
     assert (meta['vocab_size'], meta['eot_token'], meta['dtype']) == (50257, 50256, 'uint16')
     for split, path in (('train', train), ('validation', valid)):
@@ -179,6 +180,75 @@ def test_rerun_skips_unless_forced_or_changed(tmp_path, monkeypatch, capsys):
     assert prepared('--max_docs=10')
     os.remove(tmp_path / 'd' / 'validation.bin')
     assert prepared('--max_docs=10')
+
+
+def bpe_docs(data_dir):
+    """The documents of data_dir's splits, decoded with its own tokenizer.json, and that tokenizer."""
+    meta, tokens = read(data_dir)
+    enc = tokenizer.get_tokenizer(tokenizer.data_tokenizer(str(data_dir), meta))
+    docs = {split: enc.decode(ids.tolist()).split('<|endoftext|>')[:-1] for split, ids in tokens.items()}
+    return docs, enc
+
+
+# validation documents full of words the train documents never use: a tokenizer trained on them too would differ
+ODD = ["Zyx quuxed the vorpal jabberwock; zyx quux vorpal jabberwock, frabjous zyx." * 3] * 4
+
+
+def test_bpe_trains_on_the_train_documents_only(tmp_path, monkeypatch):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    jsons = []
+    for name, val in (('a', STORIES[:3]), ('b', ODD)):
+        val_src = write_txt(tmp_path / f'val-{name}.txt', val)
+        run_prepare(monkeypatch, f'--source={src}', f'--val_source={val_src}', '--tokenizer=bpe:300',
+                    f'--data_dir={tmp_path / name}')
+        meta, _ = read(tmp_path / name)
+        assert {k: meta[k] for k in ('tokenizer', 'vocab_size', 'eot_token', 'dtype')} == \
+            {'tokenizer': 'bpe:300', 'vocab_size': 300, 'eot_token': 299, 'dtype': 'uint16'}
+        docs, enc = bpe_docs(tmp_path / name)
+        assert docs == {'train': STORIES, 'validation': val} and enc.name == 'bpe:300'
+        assert sorted(os.listdir(tmp_path / name)) == ['meta.json', 'tokenizer.json', 'train.bin', 'validation.bin']
+        jsons.append((tmp_path / name / 'tokenizer.json').read_bytes())
+    assert jsons[0] == jsons[1] == tokenizer.train_bpe(STORIES, 300).encode()
+    assert tokenizer.train_bpe(STORIES + ODD, 300).encode() != jsons[0]  # so ODD would have shown
+
+
+def test_held_out_documents_are_not_trained_on(tmp_path, monkeypatch):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', '--val_fraction=0.2', '--tokenizer=bpe:300', f'--data_dir={tmp_path / "d"}')
+    docs, _ = bpe_docs(tmp_path / 'd')
+    assert len(docs['validation']) == 8 and sorted(docs['train'] + docs['validation']) == sorted(STORIES)
+    assert (tmp_path / 'd' / 'tokenizer.json').read_text(encoding='utf-8') == tokenizer.train_bpe(docs['train'], 300)
+
+
+def test_rerun_skip_knows_the_tokenizer(tmp_path, monkeypatch, capsys):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    tok = tmp_path / 'd' / 'tokenizer.json'
+    def prepared(*extra):
+        run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}', *extra)
+        return capsys.readouterr().out.startswith('prepared')
+    assert prepared('--tokenizer=bpe:300') and tok.exists()
+    assert not prepared('--tokenizer=bpe:300')
+    assert prepared('--tokenizer=bpe:290') and read(tmp_path / 'd')[0]['vocab_size'] == 290
+    os.remove(tok)
+    assert prepared('--tokenizer=bpe:290') and tok.exists()  # the data is no use without it
+    assert prepared() and not tok.exists()  # gpt2 again: a tokenizer.json would mislead
+    assert not prepared('--tokenizer=gpt2')
+    assert read(tmp_path / 'd')[0]['tokenizer'] == 'gpt2'
+
+
+def test_failed_bpe_rerun_keeps_the_old_tokenizer(tmp_path, monkeypatch):
+    """tokenizer.json is replaced with the .bin files, only once all of them are complete."""
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    run_prepare(monkeypatch, f'--source={src}', '--tokenizer=bpe:300', f'--data_dir={tmp_path / "d"}')
+    before, counts = snapshot(tmp_path / 'd'), usable(tmp_path / 'd')
+    (tmp_path / 'blank.jsonl').write_text('{"text": ""}\n')
+    new = write_txt(tmp_path / 'new.txt', STORIES[:5] + ODD)
+    for name in ('bpe:280', 'gpt2'):  # fails at validation.bin, after the new tokenizer is trained
+        error(monkeypatch, f'--source={new}', f'--val_source={tmp_path / "blank.jsonl"}', f'--tokenizer={name}',
+              '--force=True', f'--data_dir={tmp_path / "d"}')
+        assert snapshot(tmp_path / 'd') == before and usable(tmp_path / 'd') == counts
+    meta = common.read_meta(str(tmp_path / 'd'))
+    assert tokenizer.data_tokenizer(str(tmp_path / 'd'), meta)['json'] == before['tokenizer.json'].decode()
 
 
 def snapshot(data_dir):
@@ -295,7 +365,8 @@ def test_text_field_that_is_not_text_is_named(tmp_path, monkeypatch, values, kin
 
 
 @pytest.mark.parametrize('arg', ['--batch_size=0', '--num_threads=-1', '--val_fraction=0', '--val_fraction=1.0',
-                                 '--max_docs=-1', '--seed=-1', '--source=', '--data_dir='])
+                                 '--max_docs=-1', '--seed=-1', '--source=', '--data_dir=', '--tokenizer=bpe:256',
+                                 '--tokenizer=bpe:65536', '--tokenizer=sentencepiece'])
 def test_settings_out_of_range_are_one_error_line_before_any_work(tmp_path, monkeypatch, arg):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     setting = arg[2:arg.index('=')]

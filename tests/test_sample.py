@@ -23,7 +23,7 @@ def save_checkpoint(model, path):
 
 @pytest.fixture(scope='module')
 def enc():
-    from common import get_tokenizer
+    from tokenizer import get_tokenizer
     return get_tokenizer()
 
 
@@ -55,6 +55,60 @@ def chain(tmp_path_factory, enc):
             wpe[pos, (pos - 1) % len(words)] = 100  # position pos predicts the token at pos + 1
     save_checkpoint(model, out / 'best.pt')
     return out
+
+
+# a story whose emoji (4 bytes) and accented letter (2 bytes) a BPE trained on English splits across tokens
+BPE_STORY = 'The dragon said 🐉olé!'
+
+
+@pytest.fixture(scope='module')
+def bpe_chain(tmp_path_factory):
+    """As chain, with a bpe tokenizer: a model that writes BPE_STORY, then <|endoftext|>, after the
+    prompt <|endoftext|>. Its checkpoint holds the tokenizer and names a data_dir that does not exist."""
+    import tokenizer
+    out = tmp_path_factory.mktemp('bpe-chain')
+    text = tokenizer.train_bpe(['The dragon and the cat said hello to the dog.'] * 20, 300)
+    enc = tokenizer.get_tokenizer({'name': 'bpe', 'json': text})
+    words = enc.encode_ordinary(BPE_STORY) + [enc.eot_token]
+    assert len(set(words)) == len(words) <= MODEL_ARGS['n_embd'], 'each token needs its own direction'
+    assert sum(not ok_utf8(enc.decode_single_token_bytes(t)) for t in words) >= 3, 'tokens must split characters'
+    args = {**MODEL_ARGS, 'vocab_size': enc.n_vocab}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        wte, wpe = model.transformer.wte.weight, model.transformer.wpe.weight
+        for i, token in enumerate(words):
+            wte[token] = 0
+            wte[token, i] = 10
+        for pos in range(32):
+            wpe[pos] = 0
+            wpe[pos, pos % len(words)] = 100  # position pos predicts the token at pos + 1
+    state = {'name': enc.name, 'json': text}
+    torch.save({'model': model.state_dict(), 'model_args': args, 'config': {'data_dir': str(out / 'deleted')},
+                'tokenizer': state}, out / 'best.pt')
+    torch.save({'model': model.state_dict(), 'model_args': args}, out / 'no-tokenizer.pt')  # as from before bpe
+    return out
+
+
+def ok_utf8(b):
+    try:
+        b.decode('utf-8')
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_bpe_checkpoint_streams_whole_characters_without_its_data(bpe_chain):
+    assert not (bpe_chain / 'deleted').exists()
+    out, err = sample(bpe_chain)
+    assert out == BPE_STORY + '\n'  # streamed a piece at a time, no U+FFFD
+    assert 'tokens/s' in err.splitlines()[-1]
+    assert story(bpe_chain, '--num_samples=2') == f'{BPE_STORY}\n---------------\n{BPE_STORY}\n'
+
+
+def test_checkpoint_without_a_tokenizer_means_gpt2(bpe_chain):
+    with pytest.raises(SystemExit, match=r'^error: .*no-tokenizer.pt has vocab_size=\d+, too small for its tokenizer gpt2 \(50257\)$'):
+        sample(bpe_chain, f'--ckpt={bpe_chain / "no-tokenizer.pt"}')
 
 
 def sample(out_dir, *args):
