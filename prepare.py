@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import atomic_output, die, remove_stale_temps
-from tokenizer import GPT2, get_tokenizer, meta_fields, parse_name, train_bpe
+from tokenizer import GPT2, get_tokenizer, meta_fields, parse_name, train_tokenizer
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
@@ -227,11 +227,10 @@ if __name__ == '__main__':
         tempfile.TemporaryFile(dir=data_dir).close()  # fail now, not after an hour of tokenizing
         with atomic_output(meta_path) as meta_tmp, (atomic_output(tokenizer_path) if bpe_size else nullcontext()) as \
                 tokenizer_tmp, atomic_output(bins['train']) as train_tmp, atomic_output(bins['validation']) as val_tmp:
-            state = GPT2
+            # the train documents only, streamed: validation text must not shape the tokens it is scored in
+            texts = (t for batch in train.iter(batch_size) for t in batch[text_field] if t)
+            state = train_tokenizer(tokenizer, texts, len(train))
             if bpe_size:
-                # the train documents only, streamed: validation text must not shape the tokens it is scored in
-                texts = (t for batch in train.iter(batch_size) for t in batch[text_field] if t)
-                state = {'name': tokenizer, 'json': train_bpe(texts, bpe_size, len(train))}
                 with open(tokenizer_tmp, 'w', encoding='utf-8') as f:
                     f.write(state['json'])
             enc = get_tokenizer(state)

@@ -14,7 +14,7 @@ import re
 
 from tqdm import tqdm
 
-from common import atomic_output, die, log
+from common import die, log
 
 EOT = '<|endoftext|>'
 GPT2 = {'name': 'gpt2', 'json': None}  # also the tokenizer of checkpoints and meta.json that name none
@@ -95,22 +95,17 @@ def get_tokenizer(state=GPT2):
         die(f"the tokenizer.json of {state['name']} is not one that prepare.py wrote ({type(e).__name__}: {e})")
 
 
-def prepare_tokenizer(name, texts, data_dir, length=None):
-    """For prepare.py: the tokenizer `name` names, trained for 'bpe:N' on texts (the train documents
-    only, an iterable read once) and written atomically to data_dir/tokenizer.json."""
+def train_tokenizer(name, texts, length=None):
+    """For prepare.py: the state of the tokenizer `name` names, for 'bpe:N' trained on texts (the
+    train documents only, an iterable read once; length is its count, for the progress bar)."""
     n = parse_name(name)
-    path = os.path.join(data_dir, 'tokenizer.json')
     if not n:
-        if os.path.exists(path):
-            os.remove(path)  # left by an earlier bpe run, it would mislead a reader of data_dir
-        return get_tokenizer(GPT2)
+        return GPT2
     text = train_bpe(texts, n, length)
-    enc = bpe_encoding(text)
-    if enc.n_vocab < n:
-        log(f"note: the train documents hold too few distinct pairs of tokens for {name}: trained {enc.name}")
-    with atomic_output(path) as tmp, open(tmp, 'w', encoding='utf-8') as f:
-        f.write(text)
-    return enc
+    trained = f"bpe:{len(json.loads(text)['model']['vocab']) + 1}"
+    if trained != name:
+        log(f"note: the train documents hold too few distinct pairs of tokens for {name}: trained {trained}")
+    return {'name': trained, 'json': text}
 
 
 def meta_fields(enc):

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from common import atomic_output, autocast, die, get_device, get_dtype, keep_freed_memory, load_checkpoint, log, open_split, read_meta, remove_stale_temps
 from model import GPT, GPTConfig
+from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -134,6 +135,7 @@ torch.manual_seed(seed + rank)  # each process draws its own batches
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
 meta = read_meta(data_dir)
+tokenizer = data_tokenizer(data_dir, meta)  # stored in every checkpoint: sample.py and eval.py need no data_dir
 data_dtype = np.dtype(meta['dtype'])
 for split in ('train', 'validation'):
     tokens = len(open_split(data_dir, meta, split))
@@ -192,6 +194,7 @@ else:
         die(f"init_from=resume but there is no {ckpt_path} (train first, or check --out_dir)" if init_from == 'resume'
             else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
     checkpoint = load_checkpoint(ckpt_path, device)
+    check_same(tokenizer, checkpoint_tokenizer(checkpoint), data_dir, ckpt_path)
     saved = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
     missing = [f"model_args[{k!r}]" for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
                if k not in saved]
@@ -352,6 +355,7 @@ def save_checkpoint(names):
     checkpoint = {
         'model': raw_model.state_dict(),
         'model_args': model_args,
+        'tokenizer': tokenizer,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,

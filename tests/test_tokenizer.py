@@ -106,6 +106,14 @@ def test_training_is_deterministic_and_only_its_texts_count():
     assert tokenizer.train_bpe(docs + ['The zebra quietly zigzagged.'] * 9, 400) != a
 
 
+def prepare(name, texts, data_dir):
+    """What prepare.py does with a tokenizer: train it, write its tokenizer.json, encode with it."""
+    state = tokenizer.train_tokenizer(name, texts)
+    if state['json'] is not None:
+        (data_dir / 'tokenizer.json').write_text(state['json'], encoding='utf-8')
+    return tokenizer.get_tokenizer(state)
+
+
 @needs_shared
 def test_deterministic_on_the_sample(bpe_json):
     docs = story_docs('train-sample.txt')
@@ -115,7 +123,7 @@ def test_deterministic_on_the_sample(bpe_json):
 @pytest.mark.parametrize('name', ['bpe:256', 'bpe:65536', 'bpe:0', 'bpe:', 'bpe:4k', 'bpe:-5', 'sentencepiece', 'GPT2', 4096])
 def test_bad_names_end_the_run_in_one_line(name, tmp_path):
     with pytest.raises(SystemExit) as e:
-        tokenizer.prepare_tokenizer(name, STORIES, str(tmp_path))
+        prepare(name, STORIES, tmp_path)
     assert str(e.value).startswith(f'error: tokenizer={name} is not gpt2 or bpe:N with N from 257 to 65535')
     assert '\n' not in str(e.value) and not os.listdir(tmp_path)
 
@@ -127,10 +135,9 @@ def test_name_range():
 
 def test_prepare_then_load_from_meta_and_from_checkpoint(tmp_path):
     data_dir = str(tmp_path)
-    enc = tokenizer.prepare_tokenizer('bpe:300', iter(STORIES + TRICKY), data_dir)
+    enc = prepare('bpe:300', iter(STORIES + TRICKY), tmp_path)
     with open(tmp_path / 'tokenizer.json', encoding='utf-8') as f:
         text = f.read()
-    assert os.listdir(tmp_path) == ['tokenizer.json']  # and no temporary file
     meta = tokenizer.meta_fields(enc)
     assert meta == {'tokenizer': 'bpe:300', 'vocab_size': 300, 'eot_token': 299, 'dtype': 'uint16'}
     state = tokenizer.data_tokenizer(data_dir, meta)
@@ -144,7 +151,7 @@ def test_prepare_then_load_from_meta_and_from_checkpoint(tmp_path):
 
 
 def test_few_documents_give_fewer_tokens(tmp_path, capsys):
-    enc = tokenizer.prepare_tokenizer('bpe:5000', ['a tiny story about a cat.'], str(tmp_path))
+    enc = prepare('bpe:5000', ['a tiny story about a cat.'], tmp_path)
     assert 257 < enc.n_vocab < 5000 and enc.eot_token == enc.n_vocab - 1
     assert f'trained {enc.name}' in capsys.readouterr().err
     assert tokenizer.meta_fields(enc)['vocab_size'] == enc.n_vocab
@@ -152,7 +159,7 @@ def test_few_documents_give_fewer_tokens(tmp_path, capsys):
 
 
 def test_a_data_dir_that_lost_or_changed_its_tokenizer_json_is_refused(tmp_path):
-    enc = tokenizer.prepare_tokenizer('bpe:300', STORIES, str(tmp_path))
+    enc = prepare('bpe:300', STORIES, tmp_path)
     meta = tokenizer.meta_fields(enc)
     other = tokenizer.train_bpe(STORIES, 280)
     (tmp_path / 'tokenizer.json').write_text(other, encoding='utf-8')
@@ -190,9 +197,8 @@ def test_mismatches_are_one_line_errors():
 
 @needs_tokenizer
 def test_gpt2_through_the_same_interface(tmp_path):
-    (tmp_path / 'tokenizer.json').write_text('{}')  # left by an earlier bpe preparation
-    enc = tokenizer.prepare_tokenizer('gpt2', iter(()), str(tmp_path))
-    assert not os.listdir(tmp_path)
+    enc = prepare('gpt2', iter(()), tmp_path)
+    assert not os.listdir(tmp_path)  # gpt2 needs no tokenizer.json
     assert tokenizer.meta_fields(enc) == {'tokenizer': 'gpt2', 'vocab_size': 50257, 'eot_token': 50256, 'dtype': 'uint16'}
     assert tokenizer.data_tokenizer(str(tmp_path), tokenizer.meta_fields(enc)) == GPT2
     enc = tokenizer.get_tokenizer(tokenizer.checkpoint_tokenizer({}))
