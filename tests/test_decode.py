@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, Linear, packable
+from model import GPT, GPTConfig, KVCache, Linear
 
 
 def tiny(seed=0):
@@ -29,18 +29,13 @@ def train_step(model, idx):
     optimizer.step()
 
 
-needs_packing = pytest.mark.skipif(not packable(torch.zeros(1)), reason="no oneDNN on this CPU build")
-
-
-@needs_packing
 def test_fast_path_is_taken_and_agrees_with_f_linear():
     model, idx = tiny(), torch.randint(97, (3, 10))
     fast = fast_logits(model, idx)
-    assert all(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+    assert all(m.fast is not None for m in model.modules() if isinstance(m, Linear))
     torch.testing.assert_close(fast, plain_logits(model, idx))
 
 
-@needs_packing
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_fast_path_follows_an_optimizer_step(mode):
     model, idx = tiny(), torch.randint(97, (2, 10))
@@ -55,7 +50,6 @@ def test_fast_path_follows_an_optimizer_step(mode):
     torch.testing.assert_close(after, plain_logits(model, idx))
 
 
-@needs_packing
 def test_fast_path_follows_load_state_dict():
     model, other, idx = tiny(0), tiny(1), torch.randint(97, (2, 10))
     fast_logits(model, idx)
@@ -63,7 +57,6 @@ def test_fast_path_follows_load_state_dict():
     torch.testing.assert_close(fast_logits(model, idx), plain_logits(other, idx))
 
 
-@needs_packing
 def test_copies_stay_out_of_the_state_dict_and_go_with_train():
     model, idx = tiny(), torch.randint(97, (1, 4))
     names = list(model.state_dict())
@@ -71,10 +64,12 @@ def test_copies_stay_out_of_the_state_dict_and_go_with_train():
     assert list(model.state_dict()) == names
     assert model.lm_head.weight is model.transformer.wte.weight
     model.train()
-    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))
+    assert all(m.fast is None for m in model.modules() if isinstance(m, Linear))
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
 def test_bf16_fast_path_agrees_with_f_linear():
     model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
-    torch.testing.assert_close(fast_logits(model, idx), plain_logits(model, idx), atol=2e-2, rtol=2e-2)
+    fast = fast_logits(model, idx)
+    assert model.lm_head.fast[2].is_mkldnn
+    torch.testing.assert_close(fast, plain_logits(model, idx), atol=2e-2, rtol=2e-2)
