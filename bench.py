@@ -123,7 +123,8 @@ if 'sample' in parts:
             floor = b * bandwidth / step_bytes
             nanogpt_dt = timed(lambda: nanogpt_generate(model, prompt, new_tokens), 1, 0)
             rows.append(('sample', f"{dtype} nanoGPT's way (full recompute, multinomial)", f"batch {b}",
-                         f"{b * new_tokens / nanogpt_dt:,.0f}", f"{b * new_tokens / nanogpt_dt / floor:.0%} of the floor"))
+                         f"{b * new_tokens / nanogpt_dt:,.0f}", f"{b * new_tokens / nanogpt_dt / floor:.0%} of the floor; "
+                         f"block_size {sample_block_size}, {prompt_tokens}-token prompt"))
             dt = timed(lambda: model.generate(prompt, new_tokens), sample_repeats, 1)
             rows.append(('sample', f"{dtype} KV cache (generate)", f"batch {b}", f"{b * new_tokens / dt:,.0f}",
                          f"{b * new_tokens / dt / floor:.0%} of the floor ({floor:,.0f}: {step_bytes / 1e6:.0f} MB "
