@@ -1,6 +1,6 @@
 """
-Measure this machine: training tokens/s and MFU, sampling tokens/s with and without the KV
-cache, and prepare.py's tokenizer throughput. Prints one table.
+Measure this machine: training tokens/s and MFU, sampling tokens/s against the weight-streaming
+floor and nanoGPT's way, and prepare.py's tokenizer throughput. Prints one table.
   $ python bench.py                                   # the small config, everything
   $ python bench.py --config_file=config/nano.py --parts=sample
 """
@@ -21,8 +21,10 @@ warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
 dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure
 compile: bool | None = None  # also time torch.compile: True, False, or None (on CUDA only; it is slow to start on a CPU)
 new_tokens = 256  # tokens sampled per row
+prompt_tokens = 16  # random prompt tokens per row before them
+sample_block_size = 512  # the sampling model's context (the window never slides: prompt + new tokens fit)
 sample_batches = '1,8'  # sampling batch sizes
-window_shift = 32  # a second cached-sampling row slides its window this many tokens at a time (1 = exact)
+sample_repeats = 3  # timed generate() calls per setting, after one untimed; the median is reported
 text_file = '../shared/data/tinystories/train-sample.txt'  # text for the tokenizer benchmark
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 seed = 1337
@@ -76,6 +78,15 @@ def make_train_step(batch, dtype, use_compile=False):
     return train_step, model
 
 
+@torch.no_grad()
+def nanogpt_generate(model, idx, max_new_tokens):
+    """nanoGPT's generate, the baseline: re-read the whole window every step, torch.multinomial."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx[:, -model.config.block_size:])
+        idx = torch.cat((idx, torch.multinomial(torch.softmax(logits[:, -1, :].float(), dim=-1), 1)), dim=1)
+    return idx
+
+
 if 'memory' in parts:  # first, while the process's high-water mark is still this alone
     import resource
     train_step, _ = make_train_step(1, 'float32')
@@ -96,18 +107,28 @@ if 'train' in parts:
                          f"{batch_size * model.config.block_size / dt:,.0f}", f"MFU {mfu:.1%}, {dt * 1e3:.0f} ms/step"))
 
 if 'sample' in parts:
+    # a decode step reads every weight once (the token and position embeddings only a row per
+    # story, but the token embedding again as the tied output layer), so bytes / bandwidth is
+    # the least time a step can take
+    src = torch.empty(2 ** 26, device=device)  # 256 MB, far beyond the caches
+    dst = torch.empty_like(src)
+    bandwidth = 2 * src.nbytes / timed(lambda: dst.copy_(src), 5, 2)  # bytes read + bytes written
+    del src, dst
+    sample_args = dict(model_args, block_size=sample_block_size)
     for dtype in dtypes.split(','):
-        model = GPT(GPTConfig(**model_args)).to(device, getattr(torch, dtype)).eval()
+        model = GPT(GPTConfig(**sample_args)).to(device, getattr(torch, dtype)).eval()
+        step_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - model.transformer.wpe.weight.nbytes
         for b in (int(s) for s in sample_batches.split(',')):
-            prompt = torch.full((b, 1), 50256, device=device)  # begin a fresh story, as sample.py does
-            results = {}
-            for name, kw in (('full recompute', dict(use_cache=False)), ('KV cache, exact', dict(window_shift=1)),
-                             (f'KV cache, shift {window_shift}', dict(window_shift=window_shift))):
-                dt = timed(lambda: model.generate(prompt, new_tokens, **kw), 1, 1)
-                results[name] = dt
-                speedup = results['full recompute'] / dt
-                rows.append(('sample', f"{dtype} {name}", f"batch {b}", f"{b * new_tokens / dt:,.0f}",
-                             f"{speedup:.1f}x full recompute, {new_tokens} new tokens"))
+            prompt = torch.randint(model.config.vocab_size, (b, prompt_tokens), device=device)
+            floor = b * bandwidth / step_bytes
+            nanogpt_dt = timed(lambda: nanogpt_generate(model, prompt, new_tokens), 1, 0)
+            rows.append(('sample', f"{dtype} nanoGPT's way (full recompute, multinomial)", f"batch {b}",
+                         f"{b * new_tokens / nanogpt_dt:,.0f}", f"{b * new_tokens / nanogpt_dt / floor:.0%} of the floor; "
+                         f"block_size {sample_block_size}, {prompt_tokens}-token prompt"))
+            dt = timed(lambda: model.generate(prompt, new_tokens), sample_repeats, 1)
+            rows.append(('sample', f"{dtype} KV cache (generate)", f"batch {b}", f"{b * new_tokens / dt:,.0f}",
+                         f"{b * new_tokens / dt / floor:.0%} of the floor ({floor:,.0f}: {step_bytes / 1e6:.0f} MB "
+                         f"per step at {bandwidth / 1e9:.0f} GB/s), {nanogpt_dt / dt:.1f}x nanoGPT's way"))
         del model
 
 if 'prepare' in parts:

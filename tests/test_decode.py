@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, Linear
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def fast_logits(model, idx):
+    """Logits of every position from a cached decode, one token per step (the fast path)."""
+    cache = KVCache(model.config, idx.size(0), idx.device, model.lm_head.weight.dtype)
+    with torch.no_grad():
+        return torch.cat([model(idx[:, t:t + 1], cache=cache)[0] for t in range(idx.size(1))], dim=1)
+
+
+def plain_logits(model, idx):
+    """Logits of every position through F.linear: with gradients on, the fast path stays off."""
+    with torch.enable_grad():
+        return model(idx, targets=torch.zeros_like(idx))[0].detach()
+
+
+def train_step(model, idx):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    optimizer.step()
+
+
+def test_fast_path_is_taken_and_agrees_with_f_linear():
+    model, idx = tiny(), torch.randint(97, (3, 10))
+    fast = fast_logits(model, idx)
+    assert all(m.fast is not None for m in model.modules() if isinstance(m, Linear))
+    torch.testing.assert_close(fast, plain_logits(model, idx))
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_fast_path_follows_an_optimizer_step(mode):
+    model, idx = tiny(), torch.randint(97, (2, 10))
+    before = fast_logits(model, idx)
+    if mode == 'train':
+        model.train()
+    train_step(model, idx)  # in eval mode (dropout 0) no train() call drops the copies
+    if mode == 'train':
+        model.eval()
+    after = fast_logits(model, idx)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, plain_logits(model, idx))
+
+
+def test_fast_path_follows_load_state_dict():
+    model, other, idx = tiny(0), tiny(1), torch.randint(97, (2, 10))
+    fast_logits(model, idx)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(fast_logits(model, idx), plain_logits(other, idx))
+
+
+def test_copies_stay_out_of_the_state_dict_and_go_with_train():
+    model, idx = tiny(), torch.randint(97, (1, 4))
+    names = list(model.state_dict())
+    fast_logits(model, idx)
+    assert list(model.state_dict()) == names
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.train()
+    assert all(m.fast is None for m in model.modules() if isinstance(m, Linear))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
+def test_bf16_fast_path_agrees_with_f_linear():
+    model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
+    fast = fast_logits(model, idx)
+    assert model.lm_head.fast[2].is_mkldnn
+    torch.testing.assert_close(fast, plain_logits(model, idx), atol=2e-2, rtol=2e-2)
