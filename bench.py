@@ -36,7 +36,8 @@ if device_type == 'cpu':
     keep_freed_memory()  # as train.py does
 shape = {}
 exec(open(config_file).read(), {}, shape)
-model_args = {k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias') if k in shape}
+model_args = {k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'pos_emb', 'norm', 'mlp',
+                                   'tie_embeddings', 'rope_theta') if k in shape}
 torch.manual_seed(seed)
 rows = []
 

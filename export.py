@@ -14,7 +14,8 @@ import tempfile
 
 import numpy as np
 
-from common import checkpoint_path, die, get_tokenizer, load_checkpoint, read_meta, open_split
+from common import checkpoint_path, die, load_checkpoint, read_meta, open_split
+from tokenizer import get_tokenizer
 from hf import architecture, save_gpt2, save_gpt2_tokenizer
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import get_tokenizer, load_model
+from common import load_model
+from tokenizer import get_tokenizer
 from conftest import ROOT, needs_tokenizer
 
 pytestmark = needs_tokenizer
