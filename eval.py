@@ -27,7 +27,7 @@ max_tokens = 0  # score only the first max_tokens tokens of the split (>= 0; 0: 
 batch_size = 8  # windows per forward pass (>= 1); each holds block_size x vocab_size float32 logits
 json_out = ''  # also write the results as JSON to this path
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
-dtype = 'auto'  # float32 on the CPU, bfloat16 autocast on GPUs that have it
+dtype = 'auto'  # bf16 autocast where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); float32 is exact
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # every setting's range, checked before the slow part, loading the model

@@ -123,10 +123,7 @@ if ddp:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
-# bf16 autocast trains ~2.5x faster than fp32 on CPUs with bf16 instructions (AVX512-BF16, AMX) and
-# >10x slower on CPUs without them (most laptops); torch.cpu's check is private, hence the fallback
-cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-dtype = get_dtype(dtype, device_type, cpu_default='bfloat16' if cpu_bf16 else 'float32')
+dtype = get_dtype(dtype, device_type)
 ctx = autocast(device_type, dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
 if device_type == 'cpu':

@@ -401,3 +401,19 @@ def test_settings_out_of_range_on_the_command_line(tmp_path):
     run = train(tmp_path / 'data', tmp_path / 'out', '--compile=false', ok=False)
     assert_error(run, "compile must be True, False or None, got 'false'")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('device_type, gpu_bf16, cpu_bf16, expected', [
+    ('cuda', True, False, 'bfloat16'), ('cuda', False, True, 'float16'),  # fp16 (with a GradScaler) on older GPUs
+    ('cpu', False, True, 'bfloat16'), ('cpu', True, False, 'float32'),  # emulated bf16 is >10x slower than fp32
+    ('cpu', False, None, 'float32'),  # a torch without the private check
+    ('mps', True, True, 'float32')])
+def test_one_precision_rule_for_every_script(device_type, gpu_bf16, cpu_bf16, expected, monkeypatch):
+    from common import get_dtype
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: gpu_bf16)
+    if cpu_bf16 is None:
+        monkeypatch.delattr(torch.cpu, '_is_avx512_bf16_supported', raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: cpu_bf16, raising=False)
+    assert get_dtype('auto', device_type) == expected
+    assert get_dtype('float32', device_type) == 'float32'  # the way to exact figures, anywhere
