@@ -32,7 +32,7 @@ def get_device(device='auto'):
 def get_dtype(dtype, device_type):
     """The one precision rule of every script. 'auto' is bf16 on GPUs that have it and fp16 on older
     ones (train.py adds a GradScaler); on the CPU bf16 where it has bf16 instructions (AVX512-BF16,
-    AMX: ~2.5x fp32 in training, ~3x in eval.py, within 0.01 nats/token) and fp32 elsewhere (most
+    AMX: ~2.5x fp32 in training, within 0.01 nats/token in eval.py) and fp32 elsewhere (most
     laptops, where bf16 is emulated and >10x slower). --dtype=float32 gives exact figures anywhere."""
     import torch
     if dtype == 'auto':
