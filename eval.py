@@ -24,10 +24,11 @@ ckpt = 'best'  # best or last (out_dir/best.pt, out_dir/last.pt), or the path of
 data_dir = ''  # prepared data (prepare.py); empty: the data_dir the checkpoint was trained on
 split = 'validation'  # which split to score: validation or train
 max_tokens = 0  # score only the first max_tokens tokens of the split (>= 0; 0: all of it)
-batch_size = 8  # windows per forward pass (>= 1); each holds block_size x vocab_size float32 logits
+batch_size = 8  # windows per forward pass (>= 1)
+logits_chunk = 512  # positions whose logits are held at once (>= 1): vocab_size float32 each
 json_out = ''  # also write the results as JSON to this path
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
-dtype = 'auto'  # float32 on the CPU, bfloat16 autocast on GPUs that have it
+dtype = 'auto'  # bf16 autocast where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); float32 is exact
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # every setting's range, checked before the slow part, loading the model
@@ -39,6 +40,8 @@ if max_tokens < 0:
     die(f"max_tokens must be >= 0 (0 scores the whole split), got {max_tokens}")
 if batch_size < 1:
     die(f"batch_size must be at least 1, got {batch_size}")
+if logits_chunk < 1:
+    die(f"logits_chunk must be at least 1, got {logits_chunk}")
 device = get_device(device)
 device_type = device.split(':')[0]
 dtype = get_dtype(dtype, device_type)
@@ -70,22 +73,33 @@ if max_tokens:
 token_bytes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)
 token_bytes[enc.eot_token] = 0
 
+# the loss is computed here, a chunk of positions at a time, from the final hidden states that the
+# hook keeps: the model's own loss would hold every position's logits again in float32 (a 50257-wide
+# row per token), and casting them took more time than the bf16 forward pass itself
+hidden = []
+model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out))
+head = model.lm_head.weight.to(getattr(torch, dtype))  # cast once, not at every batch
 starts = range(0, n, block_size)  # window i reads tokens i.. and predicts i+1.., the last one shorter
 total_nats, total_bytes = 0.0, 0
 for b in tqdm(range(0, len(starts), batch_size), desc=f'{split}', unit='batch'):
     windows = starts[b:b + batch_size]
     x = np.zeros((len(windows), block_size), dtype=np.int64)
-    y = np.full((len(windows), block_size), -1, dtype=np.int64)  # -1: past the end, ignored by the loss
+    y = np.full((len(windows), block_size), -1, dtype=np.int64)  # -1: past the end, not scored
     for row, i in enumerate(windows):
         length = min(block_size, n - i)
         x[row, :length] = data[i:i + length]
         y[row, :length] = data[i + 1:i + 1 + length]
-    count = int((y >= 0).sum())
     total_bytes += int(token_bytes[y[y >= 0]].sum())
-    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    with torch.no_grad(), autocast(device_type, dtype):
-        _, loss = model(x, y)
-    total_nats += loss.item() * count  # the loss is the mean over the counted targets
+    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device).view(-1)
+    with torch.inference_mode(), autocast(device_type, dtype):
+        model(x)  # its logits are the last position's only; the hook keeps every position's hidden state
+        h = hidden.pop().reshape(len(y), -1).to(head.dtype)
+        for c in range(0, len(y), logits_chunk):
+            logits = torch.nn.functional.linear(h[c:c + logits_chunk], head).float()
+            targets = y[c:c + logits_chunk]
+            scored = targets >= 0
+            nats = logits.logsumexp(-1) - logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]
+            total_nats += nats[scored].sum().item()
 
 loss = total_nats / n
 results = dict(checkpoint=path, iter_num=checkpoint.get('iter_num'), data_dir=data_dir, split=split,

@@ -30,7 +30,7 @@ stop_at_eot = True  # end each story at <|endoftext|>; False writes on past it
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; 1 is exact, None: block_size // 4
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
-dtype = 'auto'  # float32 on the CPU, bfloat16 on GPUs that have it; not float32 casts the weights
+dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
 compile = False  # torch.compile the model: slow to start, pays off only for long runs
 # -----------------------------------------------------------------------------
 

@@ -123,10 +123,7 @@ if ddp:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(device)
     dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
-# bf16 autocast trains ~2.5x faster than fp32 on CPUs with bf16 instructions (AVX512-BF16, AMX) and
-# >10x slower on CPUs without them (most laptops); torch.cpu's check is private, hence the fallback
-cpu_bf16 = getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-dtype = get_dtype(dtype, device_type, cpu_default='bfloat16' if cpu_bf16 else 'float32')
+dtype = get_dtype(dtype, device_type)
 ctx = autocast(device_type, dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
 if device_type == 'cpu':
@@ -165,13 +162,15 @@ if master_process:
 
 
 def get_batch(split):
-    # a fresh memmap per batch: one kept open keeps every page it has read, and the memory grows
+    # a fresh memmap per batch: one kept open keeps every page it has read mapped (on Linux with large
+    # folios ~100 MB after one batch of 64 rows), and the memory grows to the file's size
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=data_dtype, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,))
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    rows = torch.from_numpy(data[ix.numpy()[:, None] + np.arange(block_size + 1)].astype(np.int64))  # one gather
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
     if device_type == 'cuda':
-        # from pinned memory the copy runs asynchronously, behind the GPU's current work
+        # from pinned memory the copy runs asynchronously: with no host sync in a step (see the loop),
+        # the next batch is read and sent while the GPU still works on the current step
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 
@@ -379,7 +378,8 @@ def request_stop(signum, frame):
     global stop_signal
     stop_signal = signum
     if master_process:
-        log(f"{signal.Signals(signum).name}: finishing this step, then saving {out_dir}/last.pt")
+        log(f"{signal.Signals(signum).name}: finishing this step{' and those up to the next log line' * ddp}, "
+            f"then saving {out_dir}/last.pt")
 
 
 signal.signal(signal.SIGINT, request_stop)
@@ -434,15 +434,21 @@ while True:
         loss = loss / gradient_accumulation_steps  # the step's loss is the mean over its micro-steps
         loss_sum += loss.detach()
         scaler.scale(loss).backward()
-    lossf = loss_sum.item()
-    # every process must stop at the same step, or the others would wait forever in the next all-reduce
-    flags = torch.tensor([not math.isfinite(lossf), stop_signal != 0], dtype=torch.float32, device=device)
-    if ddp:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    diverged, stop = flags.tolist()
-    if diverged:
-        die(f"the training loss is not finite at iter {iter_num}: training diverged (try a lower learning_rate); "
-            f"{out_dir}/last.pt keeps iter {saved_at}")
+    # reading the loss on the host waits for the GPU to finish the step, and the GPU then idles while the
+    # next step is prepared: only at log steps, and at a signal. Divergence found a few steps late costs
+    # nothing: every checkpoint is written after a check (here or estimate_loss's), so none holds NaNs
+    log_step = (iter_num + 1) % log_interval == 0
+    if log_step or (stop_signal and not ddp):
+        lossf = loss_sum.item()
+        # every DDP process must stop at the same step, or the others would wait forever in the next
+        # all-reduce: they agree at log steps (a signal stops the run there)
+        flags = torch.tensor([not math.isfinite(lossf), stop_signal != 0], dtype=torch.float32, device=device)
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        diverged, stop = flags.tolist()
+        if diverged:
+            die(f"the training loss is not finite at iter {iter_num}: training diverged (try a lower learning_rate); "
+                f"{out_dir}/last.pt keeps iter {saved_at}")
     if grad_clip:
         scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -453,7 +459,7 @@ while True:
     window_iters += 1
     iter_num += 1
     bar.update()
-    if iter_num % log_interval == 0:
+    if log_step:
         dt = window_time / window_iters
         if master_process:
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)

@@ -56,9 +56,10 @@ def setup(tmp_path_factory, enc):
     return root, model, tokens
 
 
-def evaluate(out_dir, *args):
-    """Run eval.py in this process, as `python eval.py --out_dir=... args` would; returns stdout."""
-    argv, sys.argv = sys.argv, ['eval.py', f'--out_dir={out_dir}', *args]
+def evaluate(out_dir, *args, dtype='float32'):
+    """Run eval.py in this process, as `python eval.py --out_dir=... args` would; returns stdout.
+    float32 unless asked: the exact figures a direct computation gives."""
+    argv, sys.argv = sys.argv, ['eval.py', f'--out_dir={out_dir}', f'--dtype={dtype}', *args]
     out = io.StringIO()
     try:
         with redirect_stdout(out), redirect_stderr(io.StringIO()):
@@ -99,6 +100,25 @@ def test_numbers_match_a_direct_computation(setup, enc, tmp_path, batch_size):
     check(results, by_hand(model, tokens, enc))
     assert results['split'] == 'validation' and results['iter_num'] == 7 and results['block_size'] == BLOCK
     assert f"loss {results['loss']:.4f} nats/token" in out and '137 tokens' in out and '5 windows of 32' in out
+
+
+@pytest.mark.parametrize('cpu_bf16', [True, False])
+def test_default_precision_follows_the_rule_and_bf16_stays_close(setup, enc, tmp_path, monkeypatch, cpu_bf16):
+    """dtype=auto is bf16 autocast on a CPU with bf16 instructions, within 0.01 nats/token of
+    float32, and float32 (exact) on one without them."""
+    root, model, tokens = setup
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: cpu_bf16, raising=False)
+    results = {}
+    for dtype in ('auto', 'bfloat16'):
+        evaluate(root, '--batch_size=2', f'--json_out={tmp_path / dtype}.json', dtype=dtype)
+        results[dtype] = json.loads((tmp_path / f'{dtype}.json').read_text())
+    expected = by_hand(model, tokens, enc)
+    assert results['bfloat16']['loss'] == pytest.approx(expected['loss'], abs=0.01)
+    assert results['bfloat16']['loss'] != expected['loss']  # bf16 did run
+    if cpu_bf16:
+        assert results['auto'] == results['bfloat16']
+    else:
+        check(results['auto'], expected)
 
 
 def test_max_tokens_scores_the_start_of_the_split(setup, enc, tmp_path):

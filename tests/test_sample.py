@@ -159,13 +159,32 @@ def test_stories_stop_at_end_of_text(chain):
 def test_streamed_story_is_the_generated_one(random_dir, enc):
     from common import load_model
     opts = dict(temperature=1.0, top_k=None, top_p=0.9, repetition_penalty=1.3, window_shift=4)
-    streamed = story(random_dir, '--start=Hi', '--seed=7', '--max_new_tokens=40',
+    streamed = story(random_dir, '--start=Hi', '--seed=7', '--max_new_tokens=40', '--dtype=float32',
                      *(f'--{k}={v}' for k, v in opts.items()))
     model, _ = load_model(os.path.join(random_dir, 'best.pt'))
     torch.manual_seed(7)
     y = model.generate(torch.tensor([[EOT] + enc.encode('Hi')]), 40, eos_token=EOT, **opts)[0, 2:].tolist()
     y = y[:y.index(EOT)] if EOT in y else y
     assert streamed == 'Hi' + enc.decode(y) + '\n'
+
+
+@pytest.mark.parametrize('cpu_bf16, expected', [(True, torch.bfloat16), (False, torch.float32)])
+def test_default_precision_follows_the_rule(random_dir, monkeypatch, cpu_bf16, expected):
+    """dtype=auto casts the weights to bf16 on a CPU with bf16 instructions, as train.py and
+    eval.py pick bf16 there, and keeps float32 on one without them."""
+    import common
+    models = []
+
+    loaded = common.load_model
+
+    def load_model(*args, **kwargs):
+        model, checkpoint = loaded(*args, **kwargs)
+        models.append(model)
+        return model, checkpoint
+    monkeypatch.setattr(common, 'load_model', load_model)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: cpu_bf16, raising=False)
+    assert story(random_dir, '--start=Once', '--max_new_tokens=4').startswith('Once')
+    assert next(models[0].parameters()).dtype == expected
 
 
 def test_sampling_options_reach_the_model(random_dir):

@@ -401,3 +401,41 @@ def test_settings_out_of_range_on_the_command_line(tmp_path):
     run = train(tmp_path / 'data', tmp_path / 'out', '--compile=false', ok=False)
     assert_error(run, "compile must be True, False or None, got 'false'")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize('device_type, gpu_bf16, cpu_bf16, expected', [
+    ('cuda', True, False, 'bfloat16'), ('cuda', False, True, 'float16'),  # fp16 (with a GradScaler) on older GPUs
+    ('cpu', False, True, 'bfloat16'), ('cpu', True, False, 'float32'),  # emulated bf16 is >10x slower than fp32
+    ('cpu', False, None, 'float32'),  # a torch without the private check
+    ('mps', True, True, 'float32')])
+def test_one_precision_rule_for_every_script(device_type, gpu_bf16, cpu_bf16, expected, monkeypatch):
+    from common import get_dtype
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: gpu_bf16)
+    if cpu_bf16 is None:
+        monkeypatch.delattr(torch.cpu, '_is_avx512_bf16_supported', raising=False)
+    else:
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: cpu_bf16, raising=False)
+    assert get_dtype('auto', device_type) == expected
+    assert get_dtype('float32', device_type) == 'float32'  # the way to exact figures, anywhere
+
+
+def test_get_batch_reads_the_rows_of_the_old_row_by_row_slicing(tmp_path):
+    """train.py's vectorized get_batch, run on its own, gives the very batches that nanoGPT's slicing
+    gave for the same random draws: the same seed still trains on the same data."""
+    import ast
+    source = open(os.path.join(ROOT, 'train.py')).read()
+    tree = ast.parse(source)
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'get_batch')
+    np.arange(1000, dtype=np.uint16).tofile(tmp_path / 'train.bin')
+    scope = dict(np=np, torch=torch, os=os, data_dir=str(tmp_path), data_dtype=np.dtype('uint16'), block_size=16,
+                 batch_size=8, device_type='cpu', device='cpu')
+    exec(compile(ast.Module([function], []), 'train.py', 'exec'), scope)
+    torch.manual_seed(0)
+    batches = [scope['get_batch']('train') for _ in range(3)]
+    torch.manual_seed(0)
+    data = np.memmap(tmp_path / 'train.bin', dtype=np.uint16, mode='r')
+    for x, y in batches:
+        ix = torch.randint(len(data) - 16, (8,))
+        assert x.dtype == y.dtype == torch.int64
+        assert torch.equal(x, torch.stack([torch.from_numpy(data[i:i + 16].astype(np.int64)) for i in ix]))
+        assert torch.equal(y, torch.stack([torch.from_numpy(data[i + 1:i + 17].astype(np.int64)) for i in ix]))
