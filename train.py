@@ -100,7 +100,7 @@ for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'pati
              "norm in ('layernorm', 'rmsnorm')", "mlp in ('gelu', 'swiglu')", 'rope_theta > 0',
              "pos_emb != 'rope' or n_embd // n_head % 2 == 0", "optimizer in ('adamw', 'muon')",
              'muon_learning_rate > 0', '0 <= muon_momentum < 1'):
-    if not eval(rule, {}, config):
+    if not eval(rule, {'__builtins__': {}}, config):  # the rules above, never user input: values are parsed literals
         got = ', '.join(f'{k}={config[k]!r}' for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in config)
         die(f"need {rule}, got {got}")
 # -----------------------------------------------------------------------------
