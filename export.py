@@ -79,9 +79,9 @@ def model_card(name, arch, path, checkpoint, model, tokenizer, meta, no_meta, bp
     if arch == 'GPT2LMHeadModel' and not args.get('bias', True):
         lines.append("- Trained without biases; GPT-2's are stored as zeros, which compute the same model")
     cfg = model.config
-    shape = ('GPT-2-shaped' if arch == 'GPT2LMHeadModel' else
-             f"Llama-shaped (rotary positions with theta {cfg.rope_theta:g}, RMSNorm, SwiGLU)")
-    tag = 'gpt2' if arch == 'GPT2LMHeadModel' else 'llama'
+    gpt2 = arch == 'GPT2LMHeadModel'
+    shape, tag = ('GPT-2', 'gpt2') if gpt2 else ('Llama', 'llama')
+    parts = '' if gpt2 else f"; rotary positions (theta {cfg.rope_theta:g}), RMSNorm and SwiGLU, as Llama"
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -89,9 +89,9 @@ tags: [{tag}, tinystories-gpt]
 ---
 # {name}
 
-A {shape} language model of {model.get_num_params() / 1e6:.2f}M parameters (not counting the embeddings
-that are only looked up): {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, a context of
-{cfg.block_size} tokens. {origin} with tinystories-gpt's train.py.
+A {shape}-shaped language model of {model.get_num_params() / 1e6:.2f}M parameters (not counting the
+embeddings that are only looked up): {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, a context
+of {cfg.block_size} tokens{parts}. {origin} with tinystories-gpt's train.py.
 
 {chr(10).join(lines)}
 
