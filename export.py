@@ -3,9 +3,12 @@ Export a checkpoint as a transformers model folder, to share it (the Hugging Fac
 (transformers pipelines, text-generation servers, llama.cpp's converters):
   $ python export.py --out_dir=out-small --export_dir=tinystories-gpt
   $ python export.py --ckpt=last --export_dir=tinystories-gpt --overwrite=True
-The folder holds model.safetensors, config.json, generation_config.json, GPT-2's tokenizer
-(tokenizer.json) and a README.md model card; AutoModelForCausalLM.from_pretrained(folder) and
-AutoTokenizer.from_pretrained(folder) load it offline. It appears complete or not at all.
+A GPT-2-shaped model becomes a GPT2LMHeadModel; one with Llama's options (rope, rmsnorm, swiglu)
+a LlamaForCausalLM. The folder holds model.safetensors, config.json, generation_config.json, the
+checkpoint's tokenizer (tokenizer.json: GPT-2's, or the trained BPE's) and a README.md model card;
+AutoModelForCausalLM.from_pretrained(folder) and AutoTokenizer.from_pretrained(folder) load it
+offline. It needs only the checkpoint: the training data, if still there, adds figures to the card.
+It appears complete or not at all.
 """
 import math
 import os
@@ -15,8 +18,8 @@ import tempfile
 import numpy as np
 
 from common import checkpoint_path, die, load_checkpoint, read_meta, open_split
-from tokenizer import get_tokenizer
-from hf import architecture, save_gpt2, save_gpt2_tokenizer
+from tokenizer import checkpoint_tokenizer, get_tokenizer
+from hf import architecture, save_gpt2, save_llama, save_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
@@ -35,17 +38,37 @@ def bits_per_byte(loss, tokens, enc):
     return loss * len(tokens) / math.log(2) / n_bytes
 
 
-def model_card(name, path, checkpoint, meta, bpb):
+def training_data(data_dir, state):
+    """data_dir's meta.json if it still holds the data the checkpoint was trained on (made by its
+    tokenizer), else None and why not."""
+    if not os.path.isfile(os.path.join(data_dir, 'meta.json')):
+        return None, f"{data_dir or 'its data_dir'} was not there at export"
+    meta = read_meta(data_dir)
+    path = os.path.join(data_dir, 'tokenizer.json')
+    if state['json'] is not None:
+        try:
+            with open(path, encoding='utf-8') as f:
+                same = f.read() == state['json']
+        except OSError:
+            same = False
+    else:
+        same = meta.get('tokenizer', 'gpt2') == 'gpt2'
+    return (meta, None) if same else (None, f"{data_dir} has been prepared again since, with another tokenizer")
+
+
+def model_card(name, arch, path, checkpoint, model, tokenizer, meta, no_meta, bpb):
     """README.md for the folder: what the model is, what it was trained on, how well it does."""
     args, config = checkpoint['model_args'], checkpoint.get('config') or {}
-    n_params = sum(v.numel() for k, v in checkpoint['model'].items() if k not in ('lm_head.weight', 'transformer.wpe.weight'))
     data = config.get('data_dir', 'unknown data')
     if meta:
         data += f" ({meta['train']['tokens']:,} training tokens from {meta.get('source', 'an unknown source')})"
+    else:
+        data += f" (its token counts and bits per byte are not given: {no_meta})"
     init_from = config.get('init_from', 'scratch')
     origin = 'Trained from scratch' if init_from == 'scratch' else f'Fine-tuned from {init_from}'
     loss = checkpoint.get('best_val_loss')
-    lines = [f"- Training data: {data}, tokenized with GPT-2's BPE",
+    tokenized = "GPT-2's BPE" if tokenizer == 'gpt2' else f"a byte-level BPE of {tokenizer[4:]} tokens trained on it"
+    lines = [f"- Training data: {data}, tokenized with {tokenized}",
              f"- Steps: {checkpoint.get('iter_num', 'unknown')} (checkpoint {os.path.basename(path)})"]
     if loss is not None and math.isfinite(loss):
         lines.append(f"- Validation loss: {loss:.4f} nats/token, the best of train.py's evaluations "
@@ -53,18 +76,22 @@ def model_card(name, path, checkpoint, meta, bpb):
     if bpb:
         lines.append(f"- Bits per byte: {bpb:.4f} (that loss over the bytes per token of validation.bin; "
                      "eval.py scores the whole split exactly)")
-    if not args.get('bias', True):
+    if arch == 'GPT2LMHeadModel' and not args.get('bias', True):
         lines.append("- Trained without biases; GPT-2's are stored as zeros, which compute the same model")
+    cfg = model.config
+    gpt2 = arch == 'GPT2LMHeadModel'
+    shape, tag = ('GPT-2', 'gpt2') if gpt2 else ('Llama', 'llama')
+    parts = '' if gpt2 else f"; rotary positions (theta {cfg.rope_theta:g}), RMSNorm and SwiGLU, as Llama"
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
-tags: [gpt2, tinystories-gpt]
+tags: [{tag}, tinystories-gpt]
 ---
 # {name}
 
-A GPT-2-shaped language model of {n_params / 1e6:.2f}M parameters (not counting position embeddings):
-{args['n_layer']} layers, {args['n_head']} heads, {args['n_embd']} wide, a context of {args['block_size']} tokens.
-{origin} with tinystories-gpt's train.py.
+A {shape}-shaped language model of {model.get_num_params() / 1e6:.2f}M parameters (not counting the
+embeddings that are only looked up): {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, a context
+of {cfg.block_size} tokens{parts}. {origin} with tinystories-gpt's train.py.
 
 {chr(10).join(lines)}
 
@@ -95,16 +122,13 @@ if __name__ == '__main__':
     except (TypeError, RuntimeError) as e:
         die(f"checkpoint {path} does not fit model.py's GPT: {str(e).splitlines()[0]}")
 
-    # the data it was trained on says which tokenizer it reads, and gives the card its figures
-    data_dir = (checkpoint.get('config') or {}).get('data_dir', '')
-    meta = read_meta(data_dir) if os.path.isfile(os.path.join(data_dir, 'meta.json')) else None
-    kind = (meta or {}).get('tokenizer', 'gpt2')
-    if kind != 'gpt2':  # a trained BPE's tokenizer.json goes here once tokenizer.py has one
-        die(f"{path} reads the {kind!r} tokenizer; export writes GPT-2's tokenizer only")
-    enc = get_tokenizer()
+    # the checkpoint knows its tokenizer; the data it was trained on, if still there, gives the card its figures
+    state = checkpoint_tokenizer(checkpoint)
+    enc = get_tokenizer(state)
     if model.config.vocab_size < enc.n_vocab:
-        die(f"{path} has vocab_size={model.config.vocab_size}, too small for the GPT-2 tokenizer ({enc.n_vocab} tokens): "
-            "export needs a model trained on tokenizer=gpt2 data")
+        die(f"{path} has vocab_size={model.config.vocab_size}, too small for its tokenizer {enc.name} ({enc.n_vocab} tokens)")
+    data_dir = (checkpoint.get('config') or {}).get('data_dir', '')
+    meta, no_meta = training_data(data_dir, state)
     loss = checkpoint.get('best_val_loss')
     bpb = None
     if meta and os.path.isfile(os.path.join(data_dir, 'validation.bin')) and loss is not None and math.isfinite(loss):
@@ -117,11 +141,12 @@ if __name__ == '__main__':
     except OSError as e:
         die(f"cannot write next to export_dir {export_dir}: {e.strerror or e}")
     try:
-        # a padded vocabulary's extra rows have no token: GPT-2's tokenizer ends at enc.n_vocab
-        save_gpt2(model, tmp, enc.n_vocab, enc.eot_token)
-        save_gpt2_tokenizer(enc, tmp, model.config.block_size)
+        # a padded vocabulary's extra rows have no token: the tokenizer ends at enc.n_vocab
+        (save_gpt2 if arch == 'GPT2LMHeadModel' else save_llama)(model, tmp, enc.n_vocab, enc.eot_token)
+        save_tokenizer(state, enc, tmp, model.config.block_size)
         with open(os.path.join(tmp, 'README.md'), 'w') as f:
-            f.write(model_card(os.path.basename(os.path.abspath(export_dir)), path, checkpoint, meta, bpb))
+            f.write(model_card(os.path.basename(os.path.abspath(export_dir)), arch, path, checkpoint, model,
+                               state['name'], meta, no_meta, bpb))
         # mkdtemp's folder and safetensors' file are private; an exported model is meant to be shared
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o644)

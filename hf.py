@@ -1,6 +1,8 @@
-"""The mapping between model.py's GPT and transformers' models, both ways: parameter names,
-the transposed Conv1D weights, configs, and GPT-2's tokenizer files built from tiktoken's data.
-export.py writes a transformers folder with it; train.py's init_from='gpt2' reads one.
+"""The mapping between model.py's GPT and transformers' models: GPT2LMHeadModel both ways
+(parameter names, the transposed Conv1D weights, configs), LlamaForCausalLM for a model with all
+of Llama's options, and the tokenizer files (GPT-2's built from tiktoken's data, a trained BPE's
+tokenizer.json as the checkpoint holds it). export.py writes a transformers folder with it;
+train.py's init_from='gpt2' reads one.
 transformers, tokenizers and safetensors are imported inside the functions: only these two
 paths need them."""
 import base64
@@ -14,9 +16,12 @@ from common import die, log
 
 # GPT-2 keeps these in Conv1D modules, which store the weight as (in, out): nn.Linear's transpose
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
-# model_args that only size the model; every other option must keep GPTConfig's default (GPT-2's
-# own choice) to fit GPT2LMHeadModel, except bias=False, exported as zero biases
-SIZES = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout')
+# the options that choose the architecture, as each transformers model has them
+GPT2_SHAPE = dict(pos_emb='learned', norm='layernorm', mlp='gelu')
+LLAMA_SHAPE = dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu')
+# model_args that either model holds as they are: sizes, biases (GPT-2's as zeros when absent,
+# Llama's attention_bias and mlp_bias), a separate output layer, and the rotary base
+FREE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'bias', 'tie_embeddings', 'rope_theta')
 EOT = '<|endoftext|>'
 
 
@@ -31,42 +36,133 @@ def architecture(model_args):
     """The transformers class that holds a model with these options, or one line naming those
     that have no counterpart there."""
     from model import GPTConfig
-    defaults = GPTConfig()
-    differ = {k: v for k, v in model_args.items() if k not in SIZES + ('bias',) and v != getattr(defaults, k, None)}
-    if not differ:
-        return 'GPT2LMHeadModel'
-    # LlamaForCausalLM goes here once model.py has its options: rotary positions, RMSNorm, SwiGLU, no biases
-    die(f"{', '.join(f'{k}={v!r}' for k, v in differ.items())}: "
-        f"{'this option has' if len(differ) == 1 else 'these options have'} no counterpart in GPT2LMHeadModel, "
-        "the one transformers model export.py writes so far")
+    shape = {k: model_args.get(k, getattr(GPTConfig, k)) for k in GPT2_SHAPE}
+    unknown = {k: v for k, v in model_args.items() if k not in FREE + tuple(shape) and v != getattr(GPTConfig, k, None)}
+    if unknown:  # an option model.py gained after this mapping was written
+        die(f"{', '.join(f'{k}={v!r}' for k, v in unknown.items())}: no counterpart in GPT2LMHeadModel or "
+            "LlamaForCausalLM, the transformers models export.py writes")
+    if shape in (GPT2_SHAPE, LLAMA_SHAPE):
+        return 'GPT2LMHeadModel' if shape == GPT2_SHAPE else 'LlamaForCausalLM'
+    named = lambda target: ', '.join(f'{k}={v!r}' for k, v in shape.items() if v != target[k])
+    die(f"{', '.join(f'{k}={v!r}' for k, v in shape.items())}: no transformers model has this combination "
+        f"({named(GPT2_SHAPE)}: none in GPT2LMHeadModel; {named(LLAMA_SHAPE)}: none in LlamaForCausalLM); "
+        "export takes GPT-2's three (learned, layernorm, gelu) or Llama's (rope, rmsnorm, swiglu)")
 
 
 def save_gpt2(model, folder, vocab_size, eot_token):
     """model.py's GPT as folder/model.safetensors, config.json and generation_config.json for
     GPT2LMHeadModel, keeping the first vocab_size tokens (the rest pad the vocabulary for speed)."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig, GPT2Config
+    from transformers import GPT2Config
     cfg = model.config
     state = transposed(model.state_dict())
-    state['transformer.wte.weight'] = state['transformer.wte.weight'][:vocab_size].contiguous()
+    state['transformer.wte.weight'] = state['transformer.wte.weight'][:vocab_size]
+    if not cfg.tie_embeddings:
+        state['lm_head.weight'] = model.lm_head.weight[:vocab_size]
     if not cfg.bias:  # GPT-2 always has biases; zeros compute exactly what the bias-free model does
         for k, v in list(state.items()):
             if k.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight') + CONV1D):
                 state[k[:-len('weight')] + 'bias'] = torch.zeros(v.size(-1), dtype=v.dtype)
-    save_file({k: v.float() for k, v in state.items()}, os.path.join(folder, 'model.safetensors'),
-              metadata={'format': 'pt'})
+    save_weights(state, folder)
     GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                n_head=cfg.n_head, activation_function='gelu',  # model.py's exact GELU, not GPT-2's tanh one
                resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
-               bos_token_id=eot_token, eos_token_id=eot_token, tie_word_embeddings=True,
+               bos_token_id=eot_token, eos_token_id=eot_token, tie_word_embeddings=cfg.tie_embeddings,
                architectures=['GPT2LMHeadModel']).save_pretrained(folder)
+    save_generation_config(folder, eot_token)
+
+
+def llama_config(config, hidden, vocab_size, eot_token=None):
+    """The LlamaConfig of a GPTConfig with Llama's options; hidden is its SwiGLU's hidden size."""
+    from transformers import LlamaConfig
+    llama = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=config.n_embd, intermediate_size=hidden, num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head, num_key_value_heads=config.n_head, max_position_embeddings=config.block_size,
+        rms_norm_eps=1e-5, rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
+        tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
+        attention_dropout=config.dropout, hidden_act='silu', bos_token_id=eot_token, eos_token_id=eot_token,
+        architectures=['LlamaForCausalLM'])
+    llama.rope_theta = config.rope_theta  # where transformers 4 and llama.cpp's converter read it
+    return llama
+
+
+def llama_weights(model, vocab_size):
+    """model.py's GPT (Llama's options) as LlamaForCausalLM names its weights, keeping the first
+    vocab_size tokens: c_attn's rows are q, k, v in turn, and SwiGLU's c_fc rows are gate then up."""
+    cfg, t = model.config, model.transformer
+    hidden = t.h[0].mlp.hidden
+    weights = {'model.embed_tokens.weight': t.wte.weight[:vocab_size], 'model.norm.weight': t.ln_f.weight,
+               'lm_head.weight': model.lm_head.weight[:vocab_size]}
+    for i, block in enumerate(t.h):
+        attn, mlp, layer = block.attn, block.mlp, f'model.layers.{i}.'
+        for kind in ('weight', 'bias') if cfg.bias else ('weight',):
+            q, k, v = getattr(attn.c_attn, kind).split(cfg.n_embd)
+            gate, up = getattr(mlp.c_fc, kind).split(hidden)
+            weights.update({
+                layer + f'self_attn.q_proj.{kind}': q,
+                layer + f'self_attn.k_proj.{kind}': k,
+                layer + f'self_attn.v_proj.{kind}': v,
+                layer + f'self_attn.o_proj.{kind}': getattr(attn.c_proj, kind),
+                layer + f'mlp.gate_proj.{kind}': gate,
+                layer + f'mlp.up_proj.{kind}': up,
+                layer + f'mlp.down_proj.{kind}': getattr(mlp.c_proj, kind),
+            })
+        weights[layer + 'input_layernorm.weight'] = block.ln_1.weight
+        weights[layer + 'post_attention_layernorm.weight'] = block.ln_2.weight
+    return {k: v.detach() for k, v in weights.items()}
+
+
+def to_llama(model):
+    """The LlamaForCausalLM that computes what model.py's GPT with Llama's options computes."""
+    from transformers import LlamaForCausalLM
+    cfg = model.config
+    llama = LlamaForCausalLM(llama_config(cfg, model.transformer.h[0].mlp.hidden, cfg.vocab_size))
+    llama.load_state_dict({k: v.clone() for k, v in llama_weights(model, cfg.vocab_size).items()}, strict=True)
+    return llama.eval()
+
+
+def save_llama(model, folder, vocab_size, eot_token):
+    """model.py's GPT with Llama's options as folder/model.safetensors, config.json and
+    generation_config.json for LlamaForCausalLM, keeping the first vocab_size tokens."""
+    weights = llama_weights(model, vocab_size)
+    if model.config.tie_embeddings:  # one tensor in the file; transformers ties lm_head to it
+        del weights['lm_head.weight']
+    save_weights(weights, folder)
+    llama_config(model.config, model.transformer.h[0].mlp.hidden, vocab_size, eot_token).save_pretrained(folder)
+    save_generation_config(folder, eot_token)
+
+
+def save_weights(state, folder):
+    from safetensors.torch import save_file
+    # float32 copies of their own: safetensors refuses tensors that share memory (views, tied weights)
+    save_file({k: v.float().clone().contiguous() for k, v in state.items()}, os.path.join(folder, 'model.safetensors'),
+              metadata={'format': 'pt'})
+
+
+def save_generation_config(folder, eot_token):
+    from transformers import GenerationConfig
     # pad_token_id too: generate() would otherwise warn and pick the eos token itself
     GenerationConfig(bos_token_id=eot_token, eos_token_id=eot_token, pad_token_id=eot_token).save_pretrained(folder)
 
 
-def save_gpt2_tokenizer(enc, folder, max_length):
-    """tiktoken's GPT-2 encoding as tokenizer.json and tokenizer_config.json, converted by
-    transformers' TikTokenConverter from a file in tiktoken's own format."""
+def save_tokenizer(state, enc, folder, max_length):
+    """The checkpoint's tokenizer (its state, and enc, its Encoding) as tokenizer.json and
+    tokenizer_config.json: a trained BPE's file as it is (a `tokenizers` file with a ByteLevel
+    pre-tokenizer and decoder), GPT-2's converted by transformers' TikTokenConverter from a file
+    in tiktoken's own format."""
+    if state['name'] == 'gpt2':
+        save_gpt2_tokenizer(enc, folder)
+    else:
+        with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+            f.write(state['json'])
+    # written by hand: save_pretrained in transformers 5 names a class that 4.x lacks
+    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT,
+              'pad_token': EOT, 'model_max_length': max_length, 'add_prefix_space': False,
+              'clean_up_tokenization_spaces': False}  # decode(encode(text)) == text
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+        json.dump(config, f, indent=2)
+
+
+def save_gpt2_tokenizer(enc, folder):
     from tokenizers import AddedToken
     from transformers.convert_slow_tokenizer import TikTokenConverter
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,12 +174,6 @@ def save_gpt2_tokenizer(enc, folder, max_length):
     # added here, not by the converter: its argument for them has changed names across versions
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in enc._special_tokens])
     tokenizer.save(os.path.join(folder, 'tokenizer.json'))
-    # written by hand: save_pretrained in transformers 5 names a class that 4.x lacks
-    config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT,
-              'model_max_length': max_length, 'add_prefix_space': False,
-              'clean_up_tokenization_spaces': False}  # decode(encode(text)) == text
-    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
-        json.dump(config, f, indent=2)
 
 
 def gpt2_from_pretrained(name_or_path, meta, block_size, dropout):

@@ -1,8 +1,10 @@
 """Hugging Face interop as a user meets it: a transformers GPT-2 folder fine-tuned with
 train.py --init_from, exported with export.py, and loaded back with transformers: the same
-logits, the same greedy tokens as sample.py, a working pipeline, and one-line errors."""
+logits, the same greedy tokens as sample.py, a working pipeline, and one-line errors. Then a
+Llama-style model on a trained BPE, exported after its data is gone, as LlamaForCausalLM."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -127,14 +129,13 @@ def test_the_tokenizer_is_tiktokens_gpt2(finetuned):
     assert tok.eos_token_id == enc.eot_token
 
 
-def test_greedy_generate_gives_sample_pys_tokens(finetuned):
+def assert_greedy_is_sample_pys(out_dir, export_dir, enc):
     from sample import decode_utf8
-    _, out, export_dir = finetuned
-    enc, start = get_tokenizer(), 'Once upon a time, there'
-    story = run('sample.py', f'--out_dir={out}', f'--start={start}', '--temperature=0', '--max_new_tokens=24',
+    start = 'Once upon a time, there'
+    story = run('sample.py', f'--out_dir={out_dir}', f'--start={start}', '--temperature=0', '--max_new_tokens=24',
                 '--device=cpu').stdout
     model = AutoModelForCausalLM.from_pretrained(export_dir)
-    ids = [enc.eot_token] + enc.encode(start)  # sample.py starts a story as train.bin does
+    ids = [enc.eot_token] + enc.encode_ordinary(start)  # sample.py starts a story as train.bin does
     new = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=24)[0, len(ids):].tolist()
     if enc.eot_token in new:
         new = new[:new.index(enc.eot_token)]
@@ -142,28 +143,57 @@ def test_greedy_generate_gives_sample_pys_tokens(finetuned):
     assert story == start + ''.join(decode_utf8(new, enc)) + '\n'
 
 
-def test_a_pipeline_continues_the_prompt(finetuned):
-    generate = transformers.pipeline('text-generation', model=finetuned[2])
+def assert_a_pipeline_continues(export_dir):
+    generate = transformers.pipeline('text-generation', model=export_dir)
     text = generate('Once upon a time', max_new_tokens=8, do_sample=False)[0]['generated_text']
     assert text.startswith('Once upon a time') and len(text) > len('Once upon a time')
 
 
+def test_greedy_generate_gives_sample_pys_tokens(finetuned):
+    assert_greedy_is_sample_pys(finetuned[1], finetuned[2], get_tokenizer())
+
+
+def test_a_pipeline_continues_the_prompt(finetuned):
+    assert_a_pipeline_continues(finetuned[2])
+
+
 def save_checkpoint(path, **model_args):
+    """A checkpoint of a random model as train.py saves one, its gains and biases away from 1 and 0
+    (so that a misplaced or dropped one would show in the logits)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(**model_args))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
     torch.save({'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0, 'best_val_loss': float('inf'),
                 'config': {}}, path)
     return model
 
 
-@pytest.mark.parametrize('options', [dict(bias=False), dict(vocab_size=50304)])
-def test_no_biases_and_a_padded_vocabulary_export_the_same_logits(tmp_path, options):
+LLAMA = dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', bias=False)
+
+
+@pytest.mark.parametrize('options, arch', [
+    (dict(bias=False), 'GPT2LMHeadModel'),
+    (dict(vocab_size=50304), 'GPT2LMHeadModel'),
+    (dict(tie_embeddings=False), 'GPT2LMHeadModel'),
+    (LLAMA, 'LlamaForCausalLM'),
+    ({**LLAMA, 'tie_embeddings': False, 'vocab_size': 50304, 'rope_theta': 500.0}, 'LlamaForCausalLM'),
+    ({**LLAMA, 'bias': True}, 'LlamaForCausalLM'),  # Llama's attention_bias and mlp_bias
+])
+def test_each_architecture_exports_the_same_logits(tmp_path, options, arch):
     args = {**dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50257, dropout=0.0, bias=True), **options}
     model = save_checkpoint(tmp_path / 'ckpt.pt', **args)
     run('export.py', f'--ckpt={tmp_path}/ckpt.pt', f'--export_dir={tmp_path}/hf')
-    assert json.load(open(tmp_path / 'hf' / 'config.json'))['vocab_size'] == 50257
+    config = json.load(open(tmp_path / 'hf' / 'config.json'))
+    assert config['architectures'] == [arch] and config['vocab_size'] == 50257
+    assert config['tie_word_embeddings'] == args.get('tie_embeddings', True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+    assert type(loaded).__name__ == arch
     idx = torch.randint(50257, (2, 16), generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(hf_logits(tmp_path / 'hf', idx), our_logits(model.eval(), idx)[..., :50257], atol=1e-4, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, our_logits(model.eval(), idx)[..., :50257], atol=1e-4, rtol=0)
 
 
 def test_export_refuses_a_folder_with_files_unless_told(finetuned, tmp_path):
@@ -178,13 +208,14 @@ def test_export_refuses_a_folder_with_files_unless_told(finetuned, tmp_path):
     assert os.path.isfile(os.path.join(out, 'best.pt'))
 
 
-def test_options_without_a_transformers_counterpart_are_named(tmp_path):
-    save_checkpoint(tmp_path / 'ckpt.pt', n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257)
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    ckpt['model_args'].update(norm='rmsnorm', mlp='swiglu')
-    torch.save(ckpt, tmp_path / 'ckpt.pt')
-    assert_error(run('export.py', f'--ckpt={tmp_path}/ckpt.pt', f'--export_dir={tmp_path}/hf', ok=False),
-                 "norm='rmsnorm'", "mlp='swiglu'")
+@pytest.mark.parametrize('options, hints', [
+    (dict(pos_emb='rope'), ["pos_emb='rope': none in GPT2LMHeadModel", "norm='layernorm', mlp='gelu': none in Llama"]),
+    (dict(norm='rmsnorm', mlp='swiglu'), ["norm='rmsnorm', mlp='swiglu': none in GPT2", "pos_emb='learned': none in Llama"]),
+    ({**LLAMA, 'mlp': 'gelu'}, ["mlp='gelu': none in LlamaForCausalLM"]),
+])
+def test_options_without_a_transformers_counterpart_are_named(tmp_path, options, hints):
+    save_checkpoint(tmp_path / 'ckpt.pt', n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257, **options)
+    assert_error(run('export.py', f'--ckpt={tmp_path}/ckpt.pt', f'--export_dir={tmp_path}/hf', ok=False), *hints)
     assert not os.path.exists(tmp_path / 'hf')
 
 
@@ -197,3 +228,75 @@ def test_init_from_gpt2_without_cache_or_hub_says_so(data, tmp_path):
 def test_init_from_a_folder_without_a_transformers_model_says_so(data, tmp_path):
     result = run('train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', f'--init_from={tmp_path}', *TINY, ok=False)
     assert_error(result, 'no config.json', 'best.pt')
+
+
+# ---------------------------------------------------------------------------- Llama on a trained BPE
+
+STORIES = ['Once upon a time, there was a little cat named Tom. Tom liked milk and naps in the sun.',
+           'Lily saw a big red ball. "Can I play?" she asked. Her mom said yes, and Lily smiled.',
+           'The café had a dog 🐶 who loved cake. Every day, the dog waited by the door for a treat.']
+
+
+@pytest.fixture(scope='module')
+def llama(tmp_path_factory):
+    """A Llama-style model trained a few steps on bpe:300 data, exported after the data is deleted."""
+    import tokenizer
+    root = tmp_path_factory.mktemp('llama')
+    state = {'name': 'bpe:300', 'json': tokenizer.train_bpe(STORIES * 5, 300)}
+    enc = tokenizer.get_tokenizer(state)
+    tokens = np.array([t for s in STORIES * 40 for t in [enc.eot_token] + enc.encode_ordinary(s)], dtype=np.uint16)
+    data_dir = root / 'data'
+    data_dir.mkdir()
+    (data_dir / 'tokenizer.json').write_text(state['json'], encoding='utf-8')
+    meta = {**tokenizer.meta_fields(enc), 'train': {'tokens': len(tokens), 'documents': 120},
+            'validation': {'tokens': len(tokens), 'documents': 120}}
+    (data_dir / 'meta.json').write_text(json.dumps(meta))
+    for split in ('train', 'validation'):
+        tokens.tofile(data_dir / f'{split}.bin')
+    out = root / 'out'
+    run('train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32',
+        '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False', '--rope_theta=1000.0', '--max_iters=30',
+        '--eval_interval=10', '--lr_decay_iters=30', *TINY, '--learning_rate=1e-2')  # the last one counts
+    shutil.rmtree(data_dir)  # the checkpoint holds its tokenizer: export needs nothing else
+    export_dir = root / 'hf'
+    run('export.py', f'--out_dir={out}', f'--export_dir={export_dir}')
+    return str(out), str(export_dir), enc
+
+
+def test_llama_options_export_as_llama_with_its_logits(llama):
+    out, export_dir, enc = llama
+    model, ckpt = load_model(os.path.join(out, 'best.pt'))
+    assert {k: ckpt['model_args'][k] for k in ('pos_emb', 'norm', 'mlp', 'bias')} == LLAMA
+    config = json.load(open(os.path.join(export_dir, 'config.json')))
+    assert {k: config[k] for k in ('architectures', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
+                                   'num_attention_heads', 'num_key_value_heads', 'rms_norm_eps', 'rope_theta',
+                                   'max_position_embeddings', 'tie_word_embeddings', 'bos_token_id', 'eos_token_id',
+                                   'vocab_size')} == dict(
+        architectures=['LlamaForCausalLM'], hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=1000.0, max_position_embeddings=32,
+        tie_word_embeddings=True, bos_token_id=299, eos_token_id=299, vocab_size=300)
+    assert type(AutoModelForCausalLM.from_pretrained(export_dir)).__name__ == 'LlamaForCausalLM'
+    idx = torch.randint(300, (4, 32), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(hf_logits(export_dir, idx), our_logits(model, idx), atol=1e-4, rtol=0)
+    card = open(os.path.join(export_dir, 'README.md')).read()
+    assert 'Llama-shaped' in card and 'byte-level BPE of 300 tokens' in card and 'not there at export' in card
+
+
+def test_llama_greedy_generate_gives_sample_pys_tokens(llama):
+    assert_greedy_is_sample_pys(*llama)
+
+
+def test_llama_pipeline_continues_the_prompt(llama):
+    assert_a_pipeline_continues(llama[1])
+
+
+def test_a_trained_bpe_loads_with_autotokenizer_and_encodes_as_ours(llama):
+    _, export_dir, enc = llama
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    for text in STORIES + ["naïve café 日本語 🙂🐶  two  spaces\n\nnew\tlines  \n 12345 it's   "]:
+        assert tok(text)['input_ids'] == enc.encode_ordinary(text)
+        assert tok.decode(enc.encode_ordinary(text)) == text
+    text = open(__file__).read()  # it holds <|endoftext|>, which transformers reads as the token, as train.bin has it
+    assert tok(text)['input_ids'] == enc.encode(text, allowed_special='all') and enc.eot_token in tok(text)['input_ids']
+    assert tok.decode(tok(text)['input_ids']) == text
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, tok.model_max_length) == (299, 299, 299, 32)

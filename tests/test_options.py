@@ -254,37 +254,6 @@ def test_a_nanogpt_checkpoint_loads_and_samples(tmp_path):
 
 # ---------------------------------------------------------------------------- Hugging Face Llama
 
-def to_llama(model):
-    """The LlamaForCausalLM that computes what `model` (rope, rmsnorm, swiglu, bias=False) does:
-    c_attn's rows are q, k, v in turn, and SwiGLU's c_fc rows are gate then up."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg, hidden = model.config, model.transformer.h[0].mlp.hidden
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=hidden, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
-        rms_norm_eps=1e-5, rope_parameters={'rope_type': 'default', 'rope_theta': cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act='silu'))
-    t = model.transformer
-    weights = {'model.embed_tokens.weight': t.wte.weight, 'model.norm.weight': t.ln_f.weight,
-               'lm_head.weight': model.lm_head.weight}
-    for i, block in enumerate(t.h):
-        q, k, v = block.attn.c_attn.weight.split(cfg.n_embd)
-        gate, up = block.mlp.c_fc.weight.split(hidden)
-        weights.update({
-            f'model.layers.{i}.input_layernorm.weight': block.ln_1.weight,
-            f'model.layers.{i}.self_attn.q_proj.weight': q,
-            f'model.layers.{i}.self_attn.k_proj.weight': k,
-            f'model.layers.{i}.self_attn.v_proj.weight': v,
-            f'model.layers.{i}.self_attn.o_proj.weight': block.attn.c_proj.weight,
-            f'model.layers.{i}.post_attention_layernorm.weight': block.ln_2.weight,
-            f'model.layers.{i}.mlp.gate_proj.weight': gate,
-            f'model.layers.{i}.mlp.up_proj.weight': up,
-            f'model.layers.{i}.mlp.down_proj.weight': block.mlp.c_proj.weight,
-        })
-    llama.load_state_dict({k: v.detach().clone() for k, v in weights.items()}, strict=True)
-    return llama.eval()
-
-
 @pytest.mark.parametrize('options', [dict(tie_embeddings=False), dict(tie_embeddings=True, rope_theta=100.0)])
 def test_the_llama_combination_is_hugging_face_llama(options):
     torch.manual_seed(0)
@@ -294,6 +263,8 @@ def test_the_llama_combination_is_hugging_face_llama(options):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
+    pytest.importorskip('transformers')
+    from hf import to_llama
     llama = to_llama(model)
     idx = torch.randint(97, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
