@@ -480,6 +480,10 @@ if ddp:
     dist.all_gather(all_sums, sums)
     if not all(torch.equal(s, sums) for s in all_sums):
         die("the DDP processes ended with different weights: their gradients were not kept in sync")
+    # free DDP's reducer, which holds gloo work objects, while the process group still lives: left to
+    # the interpreter's teardown, they abort the process now and then (SIGABRT)
+    model = None
+    dist.barrier()
     dist.destroy_process_group()
 if stop_signal:
     sys.exit(128 + stop_signal)

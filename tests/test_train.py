@@ -87,8 +87,9 @@ def test_a_run_writes_checkpoints_metrics_and_plot_and_learns(trained):
     assert len(steps) == 30 and {'lr', 'ms_per_iter', 'tokens_per_s', 'mfu'} <= set(steps[0])
 
     ckpt = load_checkpoint(os.path.join(trained, 'last.pt'))  # torch.load(weights_only=True)
-    assert set(ckpt) == {'model', 'model_args', 'iter_num', 'best_val_loss', 'config', 'optimizer', 'scaler', 'rng'}
-    assert ckpt['iter_num'] == 30 and ckpt['scaler'] is None
+    assert set(ckpt) == {'model', 'model_args', 'iter_num', 'best_val_loss', 'config', 'optimizer', 'scaler', 'rng',
+                         'tokenizer'}
+    assert ckpt['iter_num'] == 30 and ckpt['scaler'] is None and ckpt['tokenizer'] == {'name': 'gpt2', 'json': None}
     assert ckpt['best_val_loss'] == pytest.approx(min(r['val_loss'] for r in evals))
     assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB,
                                       dropout=0.1)
