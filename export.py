@@ -17,7 +17,7 @@ import tempfile
 
 import numpy as np
 
-from common import checkpoint_path, die, load_checkpoint, read_meta, open_split
+from common import checkpoint_path, die, load_model, open_split, read_meta
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 from hf import architecture, save_gpt2, save_llama, save_tokenizer
 
@@ -113,14 +113,8 @@ if __name__ == '__main__':
     path = checkpoint_path(out_dir, ckpt)
     if os.path.abspath(path).startswith(os.path.join(os.path.abspath(export_dir), '')):
         die(f"export_dir {export_dir} holds the checkpoint {path}, which replacing it would delete: choose another --export_dir")
-    checkpoint = load_checkpoint(path)
+    model, checkpoint = load_model(path)
     arch = architecture(checkpoint['model_args'])  # or one line naming the options it lacks
-    from model import GPT, GPTConfig
-    try:
-        model = GPT(GPTConfig(**checkpoint['model_args']))
-        model.load_state_dict(checkpoint['model'])
-    except (TypeError, RuntimeError) as e:
-        die(f"checkpoint {path} does not fit model.py's GPT: {str(e).splitlines()[0]}")
 
     # the checkpoint knows its tokenizer; the data it was trained on, if still there, gives the card its figures
     state = checkpoint_tokenizer(checkpoint)
