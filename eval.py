@@ -73,11 +73,9 @@ if max_tokens:
 token_bytes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)
 token_bytes[enc.eot_token] = 0
 
-# the loss is computed here, a chunk of positions at a time, from the final hidden states that the
-# hook keeps: the model's own loss would hold every position's logits again in float32 (a 50257-wide
-# row per token), and casting them took more time than the bf16 forward pass itself
-hidden = []
-model.transformer.ln_f.register_forward_hook(lambda module, args, out: hidden.append(out))
+# the loss is computed here, a chunk of positions at a time, from the final hidden states: the
+# model's own loss would hold every position's logits again in float32 (a 50257-wide row per
+# token), and casting them took more time than the bf16 forward pass itself
 head = model.lm_head.weight.to(getattr(torch, dtype))  # cast once, not at every batch
 starts = range(0, n, block_size)  # window i reads tokens i.. and predicts i+1.., the last one shorter
 total_nats, total_bytes = 0.0, 0
@@ -92,8 +90,7 @@ for b in tqdm(range(0, len(starts), batch_size), desc=f'{split}', unit='batch'):
     total_bytes += int(token_bytes[y[y >= 0]].sum())
     x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device).view(-1)
     with torch.inference_mode(), autocast(device_type, dtype):
-        model(x)  # its logits are the last position's only; the hook keeps every position's hidden state
-        h = hidden.pop().reshape(len(y), -1).to(head.dtype)
+        h = model.hidden_states(x).reshape(len(y), -1).to(head.dtype)
         for c in range(0, len(y), logits_chunk):
             logits = torch.nn.functional.linear(h[c:c + logits_chunk], head).float()
             targets = y[c:c + logits_chunk]

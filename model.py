@@ -306,6 +306,15 @@ class GPT(nn.Module):
         """Logits for every position and the mean cross-entropy when targets are given (-1 is
         ignored); otherwise logits for the last position only. With a KVCache, idx continues
         the cached sequence at position cache.pos."""
+        x = self.hidden_states(idx, cache)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return self.lm_head(x[:, [-1], :]), None  # the list index keeps the time dimension
+
+    def hidden_states(self, idx, cache=None):
+        """The final (normalised) hidden state of every position, before the output layer."""
         B, T = idx.size()
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.block_size:
@@ -316,14 +325,9 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache.layers[i] if cache is not None else None, pos)
-        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-            return logits, loss
-        return self.lm_head(x[:, [-1], :]), None  # the list index keeps the time dimension
+        return self.transformer.ln_f(x)
 
     def crop_block_size(self, block_size):
         """Shrink the context length of a trained model (e.g. to fine-tune with shorter blocks)."""
