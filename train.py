@@ -1,6 +1,6 @@
 """
 Train a GPT on the token files prepare.py writes, on the CPU, one GPU, or several with DDP:
-  $ python train.py config/cpu.py                                    # a laptop, ~10 minutes
+  $ python train.py config/cpu.py                                    # a laptop, ~6.5 minutes
   $ python train.py config/small.py --batch_size=32                  # one GPU
   $ torchrun --standalone --nproc_per_node=4 train.py config/small.py
 Every eval_interval steps it writes out_dir/last.pt (and best.pt when the validation loss
