@@ -7,13 +7,13 @@ bash setup.sh
 . .venv/bin/activate
 [ -d ../shared/tiktoken-cache ] && export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$(cd ../shared/tiktoken-cache && pwd)}"
 stories=../shared/data/tinystories
+data="--tokenizer=bpe:4096 --data_dir=data/sample-bpe4096"  # config/cpu.py's tokenizer and data_dir
 if [ -f $stories/train-sample.txt ]; then
   echo "== prepare: local TinyStories sample in $stories"
-  python prepare.py --source=$stories/train-sample.txt --val_source=$stories/valid-sample.txt \
-      --tokenizer=bpe:4096 --data_dir=data/sample-bpe4096
+  python prepare.py --source=$stories/train-sample.txt --val_source=$stories/valid-sample.txt $data
 else
   echo "== prepare: roneneldan/TinyStories from the Hugging Face hub, first 20,000 stories"
-  python prepare.py --max_docs=20000 --tokenizer=bpe:4096 --data_dir=data/sample-bpe4096
+  python prepare.py --max_docs=20000 $data
 fi
 echo "== train: config/cpu.py"
 # run again, it carries on from out-cpu/last.pt (a finished run ends at once) rather than train over it
