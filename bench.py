@@ -108,28 +108,38 @@ if 'train' in parts:
                          f"{batch_size * model.config.block_size / dt:,.0f}", f"MFU {mfu:.1%}, {dt * 1e3:.0f} ms/step"))
 
 if 'sample' in parts:
-    # a decode step reads every weight once (the token and position embeddings only a row per
-    # story, but the token embedding again as the tied output layer), so bytes / bandwidth is
-    # the least time a step can take
-    src = torch.empty(2 ** 26, device=device)  # 256 MB, far beyond the caches
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.nbytes / timed(lambda: dst.copy_(src), 5, 2)  # bytes read + bytes written
-    del src, dst
+    def copy_bandwidth():
+        """Bytes read + written per second copying 256 MB (far beyond the caches). The source is
+        written first: untouched pages all read as one shared page of zeros, and the copy would
+        measure writes alone (a third faster on this project's machine)."""
+        src = torch.ones(2 ** 26, device=device)
+        dst = torch.zeros_like(src)
+        return 2 * src.nbytes / timed(lambda: dst.copy_(src), 5, 2)
+
     sample_args = dict(model_args, block_size=sample_block_size)
     for dtype in dtypes.split(','):
         model = GPT(GPTConfig(**sample_args)).to(device, getattr(torch, dtype)).eval()
-        step_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - model.transformer.wpe.weight.nbytes
+        step_bytes = sum(p.nbytes for n, p in model.named_parameters() if n != 'transformer.wpe.weight')
+        batch_1 = None  # tokens/s at batch 1, for the speed-up of larger batches
         for b in (int(s) for s in sample_batches.split(',')):
             prompt = torch.randint(model.config.vocab_size, (b, prompt_tokens), device=device)
+            # a decode step reads every weight once (the token and position embeddings only a row
+            # per story, but the token embedding again as the tied output layer), so bytes over
+            # bandwidth is the least time a step can take; measured next to each timing, since a
+            # shared machine's bandwidth drifts by half within minutes
+            bandwidth = copy_bandwidth()
             floor = b * bandwidth / step_bytes
             nanogpt_dt = timed(lambda: nanogpt_generate(model, prompt, new_tokens), 1, 0)
             rows.append(('sample', f"{dtype} nanoGPT's way (full recompute, multinomial)", f"batch {b}",
                          f"{b * new_tokens / nanogpt_dt:,.0f}", f"{b * new_tokens / nanogpt_dt / floor:.0%} of the floor; "
                          f"block_size {sample_block_size}, {prompt_tokens}-token prompt"))
             dt = timed(lambda: model.generate(prompt, new_tokens), sample_repeats, 1)
+            if b == 1:
+                batch_1 = new_tokens / dt
             rows.append(('sample', f"{dtype} KV cache (generate)", f"batch {b}", f"{b * new_tokens / dt:,.0f}",
                          f"{b * new_tokens / dt / floor:.0%} of the floor ({floor:,.0f}: {step_bytes / 1e6:.0f} MB "
-                         f"per step at {bandwidth / 1e9:.0f} GB/s), {nanogpt_dt / dt:.1f}x nanoGPT's way"))
+                         f"per step at {bandwidth / 1e9:.0f} GB/s), {nanogpt_dt / dt:.1f}x nanoGPT's way"
+                         + (f", {b * new_tokens / dt / batch_1:.1f}x batch 1" if batch_1 and b > 1 else '')))
         del model
 
 if 'prepare' in parts:

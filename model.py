@@ -68,28 +68,34 @@ class Rotary(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight laid out for
-    a fast matrix-vector kernel. Decoding one token reads every weight once, and F.linear reads
-    PyTorch's (out, in) layout at about a third of memory speed. The copy is made on first use,
-    remade when the weight changes (an optimizer step or load_state_dict bumps its version) and
-    dropped by train(); parameters, state_dict and weight tying are those of nn.Linear."""
-    fast = None  # (the weight it was made from, its version at the time, the copy)
+    """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight laid out for a
+    faster kernel (fast_layout). Decoding one token reads every weight once, and F.linear reads
+    PyTorch's (out, in) layout at a fraction of memory speed. The copy is made on first use in the
+    dtype the product runs in (autocast's, else the weight's), remade when the weight changes (an
+    optimizer step or load_state_dict bumps its version) or another layout is due, and dropped by
+    train(); parameters, state_dict and weight tying are those of nn.Linear."""
+    fast = None  # (the weight it was made from, its version at the time, (layout, dtype), the copy)
 
     def forward(self, x):
         w = self.weight
         if self.training or torch.is_grad_enabled() or w.device.type != 'cpu':
             return F.linear(x, w, self.bias)
-        src, version, fast = self.fast or (None, None, None)
-        # holding src keeps its memory, so a new weight cannot reuse its address
-        if src is None or src.data_ptr() != w.data_ptr() or version != w._version or src.dtype != w.dtype:
-            fast = fast_weight(w.detach())
-            self.fast = (w.detach(), w._version, fast)
-        if fast is None:
+        dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else w.dtype
+        x2 = x.reshape(-1, x.size(-1)).to(dtype)
+        key = (fast_layout(w, x2.size(0), dtype), dtype)
+        if key[0] is None:
             return F.linear(x, w, self.bias)
-        if fast.is_mkldnn:
-            return torch.ops.mkldnn._linear_pointwise(x, fast, self.bias, 'none', [], '')
-        x2 = x.reshape(-1, x.size(-1))
-        y = x2 @ fast if self.bias is None else torch.addmm(self.bias, x2, fast)
+        src, version, have, fast = self.fast or (None, None, None, None)
+        # holding src keeps its memory, so a new weight cannot reuse its address
+        if src is None or src.data_ptr() != w.data_ptr() or version != w._version or have != key:
+            fast = make_fast(w.detach().to(dtype), key[0])
+            self.fast = (w.detach(), w._version, key, fast)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        if key[0] == 'packed':
+            y = torch.ops.mkldnn._linear_pointwise(x2, fast, bias, 'none', [], '')
+        else:  # 'columns': one matmul per column block, run in parallel as a batch
+            y = torch.bmm(x2.expand(len(fast), -1, -1), fast).transpose(0, 1).reshape(len(x2), -1)[:, :len(w)]
+            y = y if bias is None else y + bias
         return y.view(*x.shape[:-1], -1)
 
     def train(self, mode=True):
@@ -97,15 +103,29 @@ class Linear(nn.Linear):
         return super().train(mode)
 
 
-def fast_weight(w):
-    """w's inference copy, measured at batch 1 on a 2-core AVX-512 CPU: fp32 transposed for
-    MKL's gemv (~3x F.linear's bandwidth); bf16 in oneDNN's packed layout (~3x too, where the
-    (in, out) layout gains nothing); None (F.linear) where neither applies."""
-    if w.dtype == torch.float32:
-        return w.t().contiguous()
-    if w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.ops.mkldnn._reorder_linear_weight(w, 1)
-    return None
+ONEDNN_X86 = torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
+ONEDNN_X86_BF16 = ONEDNN_X86 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fast_layout(w, rows, dtype):
+    """The layout of w's inference copy for a product with `rows` rows in dtype, None for F.linear.
+    Measured on a 2-core AVX-512 CPU (bench.py --parts=sample): oneDNN's packed layout runs
+    1.5-3x F.linear in fp32 and bf16, except for one row through a large matrix (the output layer),
+    where MKL streams the transposed matrix fastest with its columns cut into 4 blocks whose
+    products run in parallel. Where oneDNN's x86 kernels are missing, fp32 keeps the columns."""
+    if dtype == torch.float32:
+        return 'packed' if ONEDNN_X86 and (rows > 1 or w.numel() < 2 ** 22) else 'columns'
+    return 'packed' if dtype == torch.bfloat16 and ONEDNN_X86_BF16 else None
+
+
+def make_fast(w, layout, blocks=4):
+    if layout == 'packed':  # the batch size is only a hint to oneDNN: 8 measured as fast as 1 at batch 1
+        return torch.ops.mkldnn._reorder_linear_weight(w, 8)
+    out_features, in_features = w.shape
+    width = -(-out_features // blocks)
+    wt = w.new_zeros(in_features, blocks * width)  # padded, so the blocks are equally wide
+    wt[:, :out_features] = w.t()
+    return wt.view(in_features, blocks, width).transpose(0, 1).contiguous()
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig, KVCache, Linear
+from model import GPT, GPTConfig, KVCache, Linear, fast_layout
 
 
 def tiny(seed=0):
@@ -71,5 +71,28 @@ def test_copies_stay_out_of_the_state_dict_and_go_with_train():
 def test_bf16_fast_path_agrees_with_f_linear():
     model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
     fast = fast_logits(model, idx)
-    assert model.lm_head.fast[2].is_mkldnn
+    assert model.lm_head.fast[2] == ('packed', torch.bfloat16)
     torch.testing.assert_close(fast, plain_logits(model, idx), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize('shape, layout', [((1, 1), 'columns'), ((3, 5), 'packed')])
+def test_each_layout_of_a_large_matrix_agrees_with_f_linear(shape, layout):
+    torch.manual_seed(0)
+    layer = Linear(512, 8192).eval()  # 2**22 weights: one row takes the column blocks
+    if fast_layout(layer.weight, shape[0] * shape[1], torch.float32) != layout:
+        pytest.skip(f"this CPU has no {layout} layout (no oneDNN x86 kernels)")
+    x = torch.randn(*shape, 512)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.fast[2] == (layout, torch.float32)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
+def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
+    torch.manual_seed(0)
+    layer, x = Linear(64, 96).eval(), torch.randn(4, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        y, ref = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == ref.dtype == torch.bfloat16 and layer.fast[2] == ('packed', torch.bfloat16)
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
