@@ -81,8 +81,7 @@ class Linear(nn.Linear):
         if self.training or torch.is_grad_enabled() or w.device.type != 'cpu':
             return F.linear(x, w, self.bias)
         dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else w.dtype
-        x2 = x.reshape(-1, x.size(-1)).to(dtype)
-        key = (fast_layout(w, x2.size(0), dtype), dtype)
+        key = (fast_layout(w, x.numel() // x.size(-1), dtype), dtype)
         if key[0] is None:
             return F.linear(x, w, self.bias)
         src, version, have, fast = self.fast or (None, None, None, None)
@@ -90,9 +89,12 @@ class Linear(nn.Linear):
         if src is None or src.data_ptr() != w.data_ptr() or version != w._version or have != key:
             fast = make_fast(w.detach().to(dtype), key[0])
             self.fast = (w.detach(), w._version, key, fast)
-        bias = None if self.bias is None else self.bias.to(dtype)
+        x, bias = x.to(dtype), None if self.bias is None else self.bias.to(dtype)
         if key[0] == 'packed':
-            y = torch.ops.mkldnn._linear_pointwise(x2, fast, bias, 'none', [], '')
+            return torch.ops.mkldnn._linear_pointwise(x, fast, bias, 'none', [], '')
+        x2 = x.reshape(-1, x.size(-1))
+        if key[0] == 'transposed':
+            y = x2 @ fast if bias is None else torch.addmm(bias, x2, fast)
         else:  # 'columns': one matmul per column block, run in parallel as a batch
             y = torch.bmm(x2.expand(len(fast), -1, -1), fast).transpose(0, 1).reshape(len(x2), -1)[:, :len(w)]
             y = y if bias is None else y + bias
@@ -109,18 +111,24 @@ ONEDNN_X86_BF16 = ONEDNN_X86 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 def fast_layout(w, rows, dtype):
     """The layout of w's inference copy for a product with `rows` rows in dtype, None for F.linear.
-    Measured on a 2-core AVX-512 CPU (bench.py --parts=sample): oneDNN's packed layout runs
-    1.5-3x F.linear in fp32 and bf16, except for one row through a large matrix (the output layer),
-    where MKL streams the transposed matrix fastest with its columns cut into 4 blocks whose
-    products run in parallel. Where oneDNN's x86 kernels are missing, fp32 keeps the columns."""
+    Measured on a 2-core AVX-512 CPU (bench.py --parts=sample and the products alone): oneDNN's
+    packed layout runs 1.5-3x F.linear in fp32 and bf16, but its ~15 us per call loses to MKL on
+    the transposed matrix for one row through a small fp32 matrix (under 2^18 weights), and one row
+    through a large one (the output layer) streams fastest as the transposed matrix cut into 4
+    column blocks whose products run in parallel. Without oneDNN's x86 kernels fp32 keeps the
+    transposed matrix (~3x F.linear at one row here) and bf16 F.linear."""
     if dtype == torch.float32:
-        return 'packed' if ONEDNN_X86 and (rows > 1 or w.numel() < 2 ** 22) else 'columns'
+        if not ONEDNN_X86 or rows == 1 and w.numel() < 2 ** 18:
+            return 'transposed'
+        return 'columns' if rows == 1 and w.numel() >= 2 ** 22 else 'packed'
     return 'packed' if dtype == torch.bfloat16 and ONEDNN_X86_BF16 else None
 
 
 def make_fast(w, layout, blocks=4):
     if layout == 'packed':  # the batch size is only a hint to oneDNN: 8 measured as fast as 1 at batch 1
         return torch.ops.mkldnn._reorder_linear_weight(w, 8)
+    if layout == 'transposed':
+        return w.t().contiguous()
     out_features, in_features = w.shape
     width = -(-out_features // blocks)
     wt = w.new_zeros(in_features, blocks * width)  # padded, so the blocks are equally wide

@@ -75,10 +75,11 @@ def test_bf16_fast_path_agrees_with_f_linear():
     torch.testing.assert_close(fast, plain_logits(model, idx), atol=2e-2, rtol=2e-2)
 
 
-@pytest.mark.parametrize('shape, layout', [((1, 1), 'columns'), ((3, 5), 'packed')])
-def test_each_layout_of_a_large_matrix_agrees_with_f_linear(shape, layout):
+@pytest.mark.parametrize('width, shape, layout', [(8192, (1, 1), 'columns'), (8192, (3, 5), 'packed'),
+                                                 (64, (1, 1), 'transposed')])
+def test_each_fp32_layout_agrees_with_f_linear(width, shape, layout):
     torch.manual_seed(0)
-    layer = Linear(512, 8192).eval()  # 2**22 weights: one row takes the column blocks
+    layer = Linear(512, width).eval()  # 2**22 weights: one row takes the column blocks; 2**15: the transposed copy
     if fast_layout(layer.weight, shape[0] * shape[1], torch.float32) != layout:
         pytest.skip(f"this CPU has no {layout} layout (no oneDNN x86 kernels)")
     x = torch.randn(*shape, 512)
