@@ -78,7 +78,8 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         w = self.weight
-        if self.training or torch.is_grad_enabled() or w.device.type != 'cpu':
+        # under torch.compile the compiler lays the weights out itself (and the checks below would break its graph)
+        if self.training or torch.is_grad_enabled() or w.device.type != 'cpu' or torch.compiler.is_compiling():
             return F.linear(x, w, self.bias)
         dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else w.dtype
         key = (fast_layout(w, x.numel() // x.size(-1), dtype), dtype)
