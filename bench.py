@@ -19,7 +19,7 @@ batch_size = 8  # training micro-batch (sequences of block_size tokens)
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
 dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure
-compile: bool | None = None  # also time torch.compile: True, False, or None (on CUDA only; it is slow to start on a CPU)
+compile: bool | None = None  # also time torch.compile (training, and sampling's decoding step): True, False, or None (on CUDA only; slow to start on a CPU)
 new_tokens = 256  # tokens sampled per row
 prompt_tokens = 16  # random prompt tokens per row before them
 sample_block_size = 512  # the sampling model's context (the window never slides: prompt + new tokens fit)
@@ -117,10 +117,12 @@ if 'sample' in parts:
         return 2 * src.nbytes / timed(lambda: dst.copy_(src), 5, 2)
 
     sample_args = dict(model_args, block_size=sample_block_size)
+    # compiling the decoding step takes tens of seconds per dtype and batch size on a CPU
+    sample_compiles = [False, True] if compile or (compile is None and device_type == 'cuda') else [False]
     for dtype in dtypes.split(','):
         model = GPT(GPTConfig(**sample_args)).to(device, getattr(torch, dtype)).eval()
         step_bytes = sum(p.nbytes for n, p in model.named_parameters() if n != 'transformer.wpe.weight')
-        batch_1 = None  # tokens/s at batch 1, for the speed-up of larger batches
+        batch_1 = {}  # tokens/s at batch 1, eager and compiled, for the speed-up of larger batches
         for b in (int(s) for s in sample_batches.split(',')):
             prompt = torch.randint(model.config.vocab_size, (b, prompt_tokens), device=device)
             # a decode step reads every weight once (the token and position embeddings only a row
@@ -133,13 +135,19 @@ if 'sample' in parts:
             rows.append(('sample', f"{dtype} nanoGPT's way (full recompute, multinomial)", f"batch {b}",
                          f"{b * new_tokens / nanogpt_dt:,.0f}", f"{b * new_tokens / nanogpt_dt / floor:.0%} of the floor; "
                          f"block_size {sample_block_size}, {prompt_tokens}-token prompt"))
-            dt = timed(lambda: model.generate(prompt, new_tokens), sample_repeats, 1)
-            if b == 1:
-                batch_1 = new_tokens / dt
-            rows.append(('sample', f"{dtype} KV cache (generate)", f"batch {b}", f"{b * new_tokens / dt:,.0f}",
-                         f"{b * new_tokens / dt / floor:.0%} of the floor ({floor:,.0f}: {step_bytes / 1e6:.0f} MB "
-                         f"per step at {bandwidth / 1e9:.0f} GB/s), {nanogpt_dt / dt:.1f}x nanoGPT's way"
-                         + (f", {b * new_tokens / dt / batch_1:.1f}x batch 1" if batch_1 and b > 1 else '')))
+            for use_compile in sample_compiles:
+                t0 = time.perf_counter()
+                model.generate(prompt, 2, compile=use_compile)
+                start = f", {time.perf_counter() - t0:.0f} s to compile" if use_compile else ''
+                dt = timed(lambda: model.generate(prompt, new_tokens, compile=use_compile), sample_repeats, 0)
+                speed = b * new_tokens / dt
+                if b == 1:
+                    batch_1[use_compile] = speed
+                rows.append(('sample', f"{dtype} KV cache (generate{', compiled step' if use_compile else ''})",
+                             f"batch {b}", f"{speed:,.0f}",
+                             f"{speed / floor:.0%} of the floor ({floor:,.0f}: {step_bytes / 1e6:.0f} MB "
+                             f"per step at {bandwidth / 1e9:.0f} GB/s), {nanogpt_dt / dt:.1f}x nanoGPT's way"
+                             + (f", {speed / batch_1[use_compile]:.1f}x batch 1" if b > 1 and use_compile in batch_1 else '') + start))
         del model
 
 if 'prepare' in parts:

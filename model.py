@@ -174,7 +174,7 @@ class CausalSelfAttention(nn.Module):
         if self.flash:
             # one new token may see every cached one; a block starting at 0 is plain causal
             mask = None if T == 1 or pos == 0 else self.mask[pos:pos + T, :pos + T]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(pos == 0 and T > 1),
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=(T > 1 and pos == 0),
                                                dropout_p=self.dropout if self.training else 0.0)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
@@ -294,6 +294,7 @@ class KVCache:
 
 
 class GPT(nn.Module):
+    _compiled = None  # (the weights' storage and versions when compiled, compiled_step's function)
 
     def __init__(self, config):
         super().__init__()
@@ -346,8 +347,16 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache=None):
         """The final (normalised) hidden state of every position, before the output layer."""
+        x = self.decode(idx, cache.layers if cache is not None else None, cache.pos if cache is not None else 0)
+        if cache is not None:
+            cache.pos += idx.size(1)
+        return x
+
+    def decode(self, idx, layers=None, pos=0):
+        """hidden_states of idx, which continues at position pos the sequence whose keys and values
+        layers (a KVCache's) hold; they receive idx's. Tensors and an int in, no cache object, so
+        that torch.compile takes a decoding step whole (compiled_step)."""
         B, T = idx.size()
-        pos = cache.pos if cache is not None else 0
         if pos + T > self.config.block_size:
             raise ValueError(f"sequence of length {pos + T} is longer than block_size={self.config.block_size}")
         x = self.transformer.wte(idx)
@@ -355,10 +364,41 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(pos, pos + T, dtype=torch.long, device=idx.device))
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache.layers[i] if cache is not None else None, pos)
-        if cache is not None:
-            cache.pos += T
+            x = block(x, layers[i] if layers is not None else None, pos)
         return self.transformer.ln_f(x)
+
+    def step(self, idx, layers, pos):
+        """Logits (B, 1, vocab) for the token after idx (B, T); idx, layers and pos as in decode."""
+        return self.lm_head(self.decode(idx, layers, pos)[:, -1:, :])
+
+    def compiled_step(self):
+        """step compiled by torch.compile, made on first use and kept. On the CPU inductor freezes
+        the weights into it as constants, which it lays out for its own matrix kernels and fuses
+        with the ops around them (bench.py: 1.5-2x the eager step at batch 1 on a 2-core CPU).
+        Nothing would notice frozen weights going stale, so a weight that changes afterwards
+        (an optimizer step, load_state_dict) resets torch.compile (every compiled function of
+        the process) and compiles the step again."""
+        weights = [(p.data_ptr(), p._version) for p in self.parameters()]
+        if self._compiled is not None and self._compiled[0] == weights:
+            return self._compiled[1]
+        if self._compiled is not None:
+            torch._dynamo.reset()
+        # dynamic: one graph for every position (ints 0 and 1 still get their own)
+        compiled = torch.compile(self.step, dynamic=True, fullgraph=True)
+        if self.lm_head.weight.device.type != 'cpu':
+            self._compiled = (weights, compiled)
+            return compiled
+        # inductor picks each product's kernel by timing its own C++ one against oneDNN's, quietly.
+        # Given as torch.compile(options=...) these settings freeze the weights but leave every
+        # product to plain ATen (torch 2.13); patched around each call they also reach recompiles
+        settings = torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
+                                                autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+
+        def step(*args):
+            with settings:
+                return compiled(*args)
+        self._compiled = (weights, step)
+        return step
 
     def crop_block_size(self, block_size):
         """Shrink the context length of a trained model (e.g. to fine-tune with shorter blocks)."""
@@ -416,7 +456,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-               eos_token=None, use_cache=True, window_shift=1):
+               eos_token=None, use_cache=True, window_shift=1, compile=False):
         """Yield the next token of every row, shape (B, 1), one step at a time.
 
         temperature 0 is greedy; top_k / top_p keep the k likeliest tokens / the smallest set
@@ -427,7 +467,8 @@ class GPT(nn.Module):
         cache, once it is full the oldest window_shift tokens are dropped and the rest re-read
         in one pass. window_shift=1 gives exactly the no-cache result; larger shifts re-read
         less often, at the cost of a shorter context (at least block_size - window_shift + 1)
-        for the tokens right after a shift.
+        for the tokens right after a shift. compile=True runs the cached steps through
+        compiled_step: slow to start (tens of seconds on a CPU), then faster per token.
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -440,6 +481,7 @@ class GPT(nn.Module):
             raise ValueError(f"window_shift must be in 1..{block_size}, got {window_shift}")
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache = None
+        step = self.compiled_step() if compile and use_cache else self.step
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block_size:])
@@ -448,7 +490,8 @@ class GPT(nn.Module):
                 cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
                 logits, _ = self(idx[:, -keep:], cache=cache)
             else:
-                logits, _ = self(idx[:, -1:], cache=cache)
+                logits = step(idx[:, -1:], cache.layers, cache.pos)
+                cache.pos += 1
             logits = logits[:, -1, :].float()
             if repetition_penalty != 1.0:
                 seen = torch.gather(logits, 1, idx)

@@ -31,7 +31,7 @@ window_shift: int | None = None  # past block_size, forget this many oldest toke
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
-compile = False  # torch.compile the model: slow to start, pays off only for long runs
+compile = False  # torch.compile the decoding step (model.compiled_step): tens of seconds to start, then ~1.2-2x the tokens/s
 # -----------------------------------------------------------------------------
 
 
@@ -95,8 +95,6 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
         # token and skips autocast's casting at every op (measured on a CPU with native bf16,
         # config/small.py, one story: 9.6 ms/token float32, 4.7 with autocast, 4.3 cast)
         model.to(getattr(torch, dtype))
-    if compile:
-        model.compile()  # in place, so the model's own calls in generate() use it
 
     # every story in train.bin follows an <|endoftext|>: it tells the model a new story begins
     ids = [enc.eot_token] + enc.encode(start, allowed_special='all')
@@ -106,7 +104,8 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
         ids = ids[-block_size:]
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift)
+                   eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift,
+                   compile=compile)
 
     torch.manual_seed(seed)
     t0 = time.time()

@@ -97,3 +97,16 @@ def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
         y, ref = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert y.dtype == ref.dtype == torch.bfloat16 and layer.fast[2] == ('packed', torch.bfloat16)
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_step_decodes_as_full_recompute_and_follows_a_weight_change():
+    # fp32 greedy through torch.compile's step equals nanoGPT's re-reading of the window, past a
+    # slide of the window too (block_size 16); then a weight changed in place (the frozen copy
+    # would be stale) is followed
+    model, idx = tiny(), torch.randint(97, (2, 5))
+    for changed in (False, True):
+        if changed:
+            train_step(model, idx)
+            model.eval()
+        full = model.generate(idx, 20, temperature=0, use_cache=False)
+        assert torch.equal(model.generate(idx, 20, temperature=0, compile=True), full)

@@ -205,6 +205,11 @@ def test_tiny_temperature_is_greedy(temperature):
     assert torch.equal(sample_logits(logits.clone(), temperature, top_k=5, top_p=0.9), logits.argmax(-1, keepdim=True))
 
 
+def test_compiled_decoding_writes_the_same_stories(random_dir):
+    args = ['--start=Once upon a time', '--max_new_tokens=12', '--num_samples=2', '--temperature=0', '--dtype=float32']
+    assert story(random_dir, *args, '--compile=True') == story(random_dir, *args)
+
+
 def test_tiny_temperature_story_is_the_greedy_one(random_dir):
     args = ['--start=Once', '--max_new_tokens=8', '--num_samples=2']
     assert story(random_dir, *args, '--temperature=1e-45') == story(random_dir, *args, '--temperature=0')
