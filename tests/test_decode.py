@@ -99,11 +99,14 @@ def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
 
 
-def test_compiled_step_decodes_as_full_recompute_and_follows_a_weight_change():
+@pytest.mark.parametrize('options', [{}, dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)])
+def test_compiled_step_decodes_as_full_recompute_and_follows_a_weight_change(options):
     # fp32 greedy through torch.compile's step equals nanoGPT's re-reading of the window, past a
     # slide of the window too (block_size 16); then a weight changed in place (the frozen copy
     # would be stale) is followed
-    model, idx = tiny(), torch.randint(97, (2, 5))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, **options)).eval()
+    idx = torch.randint(97, (2, 5))
     for changed in (False, True):
         if changed:
             train_step(model, idx)
