@@ -492,7 +492,10 @@ class GPT(nn.Module):
                 cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
                 logits, _ = self(idx[:, -keep:], cache=cache)
             else:
-                logits = step(idx[:, -1:], cache.layers, cache.pos)
+                # torch.compile would give positions 0, 1 and the last (the cache read whole) graphs of
+                # their own, and a view of idx a new stride every step: one graph serves all the others
+                run = step if 1 < cache.pos < block_size - 1 else self.step
+                logits = run(next_token, cache.layers, cache.pos)  # idx's last column
                 cache.pos += 1
             logits = logits[:, -1, :].float()
             if repetition_penalty != 1.0:
