@@ -31,7 +31,7 @@ window_shift: int | None = None  # past block_size, forget this many oldest toke
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
-compile = False  # torch.compile the decoding step (model.compiled_step): 15-50 s to start on a 2-core CPU, then 1.1-2.2x the tokens/s
+compile = False  # torch.compile the decoding step (model.compiled_step): 15-50 s to start on a 2-core CPU, then 1.2-4.5x the tokens/s
 # -----------------------------------------------------------------------------
 
 
