@@ -393,8 +393,9 @@ class GPT(nn.Module):
         # inductor picks each product's kernel by timing its own C++ one against oneDNN's, quietly.
         # Given as torch.compile(options=...) these settings freeze the weights but leave every
         # product to plain ATen (torch 2.13); patched around each call they also reach recompiles
-        settings = torch._inductor.config.patch(freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
-                                                autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+        settings = torch._inductor.config.patch(
+            freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
+            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
 
         def step(*args):
             with settings:
