@@ -77,6 +77,14 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
             die(f"cannot read the prompt file {start[len('FILE:'):]}: {getattr(e, 'strerror', None) or e}")
     device = get_device(device)
     dtype = get_dtype(dtype, device.split(':')[0])
+    if compile and device == 'cpu':
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
+            die("--compile=True on the CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                "install g++ or clang, or leave compile off")
 
     path = checkpoint_path(out_dir, ckpt)
     model, checkpoint = load_model(path, device)

@@ -210,6 +210,18 @@ def test_compiled_decoding_writes_the_same_stories(random_dir):
     assert story(random_dir, *args, '--compile=True') == story(random_dir, *args)
 
 
+def test_compile_without_a_cpp_compiler_is_one_clear_error(random_dir):
+    import torch._inductor.config
+    from torch._inductor.cpp_builder import cpp_compiler_search
+    cpp_compiler_search.cache_clear()  # it remembers the compiler it found
+    try:
+        with torch._inductor.config.patch({'cpp.cxx': ('no-such-c++-compiler',)}):
+            with pytest.raises(SystemExit, match=r'^error: --compile=True on the CPU needs a C\+\+ compiler'):
+                story(random_dir, '--compile=True', '--max_new_tokens=2')
+    finally:
+        cpp_compiler_search.cache_clear()
+
+
 def test_tiny_temperature_story_is_the_greedy_one(random_dir):
     args = ['--start=Once', '--max_new_tokens=8', '--num_samples=2']
     assert story(random_dir, *args, '--temperature=1e-45') == story(random_dir, *args, '--temperature=0')
