@@ -349,9 +349,10 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, cache=None):
         """The final (normalised) hidden state of every position, before the output layer."""
-        x = self.decode(idx, cache.layers if cache is not None else None, cache.pos if cache is not None else 0)
-        if cache is not None:
-            cache.pos += idx.size(1)
+        if cache is None:
+            return self.decode(idx)
+        x = self.decode(idx, cache.layers, cache.pos)
+        cache.pos += idx.size(1)
         return x
 
     def decode(self, idx, layers=None, pos=0):
@@ -386,20 +387,18 @@ class GPT(nn.Module):
         if self._compiled is not None:
             torch._dynamo.reset()
         # dynamic: one graph for every position (ints 0 and 1 still get their own)
-        compiled = torch.compile(self.step, dynamic=True, fullgraph=True)
-        if self.lm_head.weight.device.type != 'cpu':
-            self._compiled = (weights, compiled)
-            return compiled
-        # inductor picks each product's kernel by timing its own C++ one against oneDNN's, quietly.
-        # Given as torch.compile(options=...) these settings freeze the weights but leave every
-        # product to plain ATen (torch 2.13); patched around each call they also reach recompiles
-        settings = torch._inductor.config.patch(
-            freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
-            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+        compiled = step = torch.compile(self.step, dynamic=True, fullgraph=True)
+        if self.lm_head.weight.device.type == 'cpu':
+            # inductor picks each product's kernel by timing its own C++ one against oneDNN's, quietly.
+            # Given as torch.compile(options=...) these settings freeze the weights but leave every
+            # product to plain ATen (torch 2.13); patched around each call they also reach recompiles
+            settings = torch._inductor.config.patch(
+                freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
+                autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
 
-        def step(*args):
-            with settings:
-                return compiled(*args)
+            def step(*args):
+                with settings:
+                    return compiled(*args)
         self._compiled = (weights, step)
         return step
 
