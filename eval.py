@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, open_split, read_meta
