@@ -171,6 +171,7 @@ class CausalSelfAttention(nn.Module):
             kv[0][:, :, pos:pos + T] = k
             kv[1][:, :, pos:pos + T] = v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+            q = q.to(k.dtype)  # a float32 cache under bf16 weights (KVCache)
         # one query in a CPU graph of torch.compile: inductor fuses the plain product, softmax and
         # product into fewer passes than SDPA's kernel (compiled bf16 decoding step: ~1.25x at batch 1, ~1.45x at 8)
         if self.flash and not (T == 1 and x.device.type == 'cpu' and torch.compiler.is_compiling()):
@@ -183,7 +184,7 @@ class CausalSelfAttention(nn.Module):
             att = att.masked_fill(~self.mask[pos:pos + T, :pos + T], float('-inf'))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -286,9 +287,13 @@ class MuonWithAdamW:
 
 
 class KVCache:
-    """Keys and values of every layer for up to block_size positions of a batch of rows."""
+    """Keys and values of every layer for up to block_size positions of a batch of rows, in the
+    weights' dtype, except on the CPU: float32 there, since SDPA's bf16 kernel for one query runs
+    ~6x slower than its float32 one (batch 8, 144 positions: ~440 vs ~75 us a layer), which costs
+    more than reading twice the bytes (bench.py, bf16 batch 8: +4-10% tokens/s)."""
 
     def __init__(self, config, batch_size, device, dtype):
+        dtype = torch.float32 if torch.device(device).type == 'cpu' else dtype
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.layers = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
                        for _ in range(config.n_layer)]

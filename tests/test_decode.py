@@ -75,6 +75,16 @@ def test_bf16_fast_path_agrees_with_f_linear():
     torch.testing.assert_close(fast, plain_logits(model, idx), atol=2e-2, rtol=2e-2)
 
 
+def test_cpu_cache_is_float32_under_bf16_weights_and_the_activations_stay_bf16():
+    model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
+    cache = KVCache(model.config, 2, 'cpu', torch.bfloat16)
+    assert cache.layers[0][0].dtype == torch.float32
+    with torch.no_grad():
+        assert model.hidden_states(idx[:, :-1], cache).dtype == torch.bfloat16  # prefill
+        assert model.hidden_states(idx[:, -1:], cache).dtype == torch.bfloat16  # one cached step
+    torch.testing.assert_close(fast_logits(model, idx), plain_logits(model, idx), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize('width, shape, layout', [(8192, (1, 1), 'columns'), (8192, (3, 5), 'packed'),
                                                  (64, (1, 1), 'transposed')])
 def test_each_fp32_layout_agrees_with_f_linear(width, shape, layout):
