@@ -171,7 +171,7 @@ class CausalSelfAttention(nn.Module):
             kv[0][:, :, pos:pos + T] = k
             kv[1][:, :, pos:pos + T] = v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
-            q = q.to(k.dtype)  # a float32 cache under bf16 weights (KVCache)
+            q = q.to(k.dtype)  # a float32 cache under bf16 weights (stream)
         # one query in a CPU graph of torch.compile: inductor fuses the plain product, softmax and
         # product into fewer passes than SDPA's kernel (compiled bf16 decoding step: ~1.25x at batch 1, ~1.45x at 8)
         if self.flash and not (T == 1 and x.device.type == 'cpu' and torch.compiler.is_compiling()):
@@ -287,13 +287,9 @@ class MuonWithAdamW:
 
 
 class KVCache:
-    """Keys and values of every layer for up to block_size positions of a batch of rows, in the
-    weights' dtype, except on the CPU: float32 there, since SDPA's bf16 kernel for one query runs
-    ~6x slower than its float32 one (batch 8, 144 positions: ~440 vs ~75 us a layer), which costs
-    more than reading twice the bytes (bench.py, bf16 batch 8: +4-10% tokens/s)."""
+    """Keys and values of every layer for up to block_size positions of a batch of rows."""
 
     def __init__(self, config, batch_size, device, dtype):
-        dtype = torch.float32 if torch.device(device).type == 'cpu' else dtype
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.layers = [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
                        for _ in range(config.n_layer)]
@@ -488,13 +484,17 @@ class GPT(nn.Module):
             raise ValueError(f"window_shift must be in 1..{block_size}, got {window_shift}")
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         cache = None
+        # eager on the CPU the cache stays float32 under bf16 weights: SDPA's bf16 kernel for one
+        # query runs ~6x slower than its float32 one (batch 8, 144 positions: ~440 vs ~75 us a
+        # layer); the compiled step fuses its own bf16 attention and gains from reading half the bytes
+        cache_dtype = torch.float32 if idx.device.type == 'cpu' and not compile else self.lm_head.weight.dtype
         step = self.compiled_step() if compile and use_cache else self.step
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits, _ = self(idx[:, -block_size:])
             elif cache is None or cache.pos == block_size:
                 keep = block_size if cache is None else block_size - window_shift + 1
-                cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                cache = KVCache(self.config, idx.size(0), idx.device, cache_dtype)
                 logits, _ = self(idx[:, -keep:], cache=cache)
             else:
                 # torch.compile would give positions 0, 1 and the last (the cache read whole) graphs of
