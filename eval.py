@@ -98,12 +98,13 @@ for b in tqdm(range(0, len(starts), batch_size), desc=f'{split}', unit='batch'):
         length = min(block_size, n - i)
         x[row, :length] = data[i:i + length]
         y[row, :length] = data[i + 1:i + 1 + length]
-    total_bytes += int(token_bytes[y[y >= 0]].sum())
-    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device).view(-1)
+    scored = int((y >= 0).sum())  # only the last window is short: the scored positions come first
+    y = y.reshape(-1)[:scored]
+    total_bytes += int(token_bytes[y].sum())
+    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     with torch.inference_mode(), autocast(device_type, dtype):
-        h = model.hidden_states(x).reshape(len(y), -1)[y >= 0]
-        y = y[y >= 0]
-        nats = sum(chunk_nats(h[c:c + logits_chunk], y[c:c + logits_chunk]) for c in range(0, len(y), logits_chunk))
+        h = model.hidden_states(x).flatten(0, 1)[:scored]
+        nats = sum(chunk_nats(h[c:c + logits_chunk], y[c:c + logits_chunk]) for c in range(0, scored, logits_chunk))
     total_nats += nats.item()  # one sync per batch
 loss = total_nats / n
 results = dict(checkpoint=path, iter_num=checkpoint.get('iter_num'), data_dir=data_dir, split=split,
