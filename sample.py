@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common import checkpoint_path, die, get_device, get_dtype, load_model, log
+from common import checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -77,6 +77,8 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
             die(f"cannot read the prompt file {start[len('FILE:'):]}: {getattr(e, 'strerror', None) or e}")
     device = get_device(device)
     dtype = get_dtype(dtype, device.split(':')[0])
+    if device == 'cpu':
+        keep_freed_memory()  # as train.py does: the logits and the sampler's buffers are reused, not faulted in anew
     if compile and device == 'cpu':
         from torch._inductor.cpp_builder import get_cpp_compiler
         from torch._inductor.exc import InvalidCxxCompiler

@@ -140,6 +140,20 @@ def test_top_k_and_top_p_restrict_choices():
     assert (hot == 3).float().mean() > 0.1  # flattened towards uniform
 
 
+def test_top_k_and_top_p_sample_the_renormalised_distribution():
+    # the kept tokens are sampled in order of likelihood and mapped back to their ids: the ids and
+    # their frequencies must both survive, with the vocabulary in no particular order
+    torch.manual_seed(0)
+    probs = torch.tensor([0.05, 0.3, 0.15, 0.5])
+    logits = torch.log(probs).repeat(40000, 1)
+    for kw, kept in ((dict(top_k=3), [1, 2, 3]), (dict(top_p=0.7), [1, 3]), (dict(top_k=3, top_p=0.9), [1, 2, 3]),
+                     (dict(top_k=2, temperature=0.5), [1, 3])):
+        picks = sample_logits(logits.clone(), **kw).flatten()
+        p = probs[kept] ** (1 / kw.get('temperature', 1.0))
+        expected = torch.zeros(4).index_put_((torch.tensor(kept),), p / p.sum())
+        assert torch.allclose(torch.bincount(picks, minlength=4) / len(picks), expected, atol=0.01), kw
+
+
 def test_repetition_penalty_discourages_seen_tokens():
     model = tiny()
     idx = torch.randint(97, (1, 4))
