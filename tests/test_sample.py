@@ -257,11 +257,11 @@ def popen(out_dir, *args):
 def test_sigint_during_a_long_story_exits_130_without_a_traceback(random_dir):
     # a shell's background job starts with SIGINT ignored, which the tests and then sample.py would
     # inherit (Python leaves an ignored SIGINT ignored): the child gets the default a terminal gives
-    ignored = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run = popen(random_dir, '--max_new_tokens=1000000', '--stop_at_eot=False')
     finally:
-        signal.signal(signal.SIGINT, ignored)
+        signal.signal(signal.SIGINT, previous)
     shown = os.read(run.stdout.fileno(), 1000)  # the story has begun
     run.send_signal(signal.SIGINT)
     rest, err = run.communicate(timeout=60)
