@@ -32,8 +32,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 
 device = get_device(device)
 device_type = device.split(':')[0]
-if device_type == 'cpu':
-    keep_freed_memory()  # as train.py does
+keep_freed_memory(device_type)  # as train.py does
 shape = {}
 exec(open(config_file).read(), {}, shape)
 model_args = {k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'pos_emb', 'norm', 'mlp',

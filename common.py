@@ -50,11 +50,12 @@ def get_dtype(dtype, device_type):
     return dtype
 
 
-def keep_freed_memory():
-    """On Linux, make glibc keep freed memory for reuse. By default it hands big tensors (the
-    logits and their gradients) back to the OS when they are freed, and a CPU training step then
-    faults them in again: ~40% of the step. No mmap, and trim only above 2 GB."""
-    if sys.platform == 'linux':
+def keep_freed_memory(device_type):
+    """On Linux, make glibc keep freed memory for reuse when the tensors live on the CPU. By default
+    it hands big tensors (the logits and their gradients) back to the OS when they are freed, and a
+    CPU training step then faults them in again: ~40% of the step; sampling's logits and sampler
+    buffers likewise. No mmap, and trim only above 2 GB."""
+    if device_type == 'cpu' and sys.platform == 'linux':
         libc = ctypes.CDLL(None)
         libc.mallopt(-4, 0)  # M_MMAP_MAX
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD

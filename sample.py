@@ -76,9 +76,9 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
         except (OSError, UnicodeDecodeError) as e:
             die(f"cannot read the prompt file {start[len('FILE:'):]}: {getattr(e, 'strerror', None) or e}")
     device = get_device(device)
-    dtype = get_dtype(dtype, device.split(':')[0])
-    if device == 'cpu':
-        keep_freed_memory()  # as train.py does: the logits and the sampler's buffers are reused, not faulted in anew
+    device_type = device.split(':')[0]
+    dtype = get_dtype(dtype, device_type)
+    keep_freed_memory(device_type)  # as train.py does
     if compile and device == 'cpu':
         from torch._inductor.cpp_builder import get_cpp_compiler
         from torch._inductor.exc import InvalidCxxCompiler

@@ -126,8 +126,7 @@ if ddp:
 dtype = get_dtype(dtype, device_type)
 ctx = autocast(device_type, dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
-if device_type == 'cpu':
-    keep_freed_memory()
+keep_freed_memory(device_type)
 torch.manual_seed(seed + rank)  # each process draws its own batches
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
