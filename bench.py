@@ -7,10 +7,12 @@ floor and nanoGPT's way, and prepare.py's tokenizer throughput. Prints one table
 import os
 import statistics
 import time
+from dataclasses import fields
 
 import torch
 
 from common import autocast, get_device, keep_freed_memory
+from generate import generate, use_fast_linears
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here
@@ -35,8 +37,7 @@ device_type = device.split(':')[0]
 keep_freed_memory(device_type)  # as train.py does
 shape = {}
 exec(open(config_file).read(), {}, shape)
-model_args = {k: shape[k] for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'pos_emb', 'norm', 'mlp',
-                                   'tie_embeddings', 'rope_theta') if k in shape}
+model_args = {f.name: shape[f.name] for f in fields(GPTConfig) if f.name in shape and f.name not in ('vocab_size', 'dropout')}
 torch.manual_seed(seed)
 rows = []
 
@@ -119,7 +120,7 @@ if 'sample' in parts:
     # compiling the decoding step takes tens of seconds per dtype and batch size on a CPU
     sample_compiles = [False, True] if compile or (compile is None and device_type == 'cuda') else [False]
     for dtype in dtypes.split(','):
-        model = GPT(GPTConfig(**sample_args)).to(device, getattr(torch, dtype)).eval()
+        model = use_fast_linears(GPT(GPTConfig(**sample_args)).to(device, getattr(torch, dtype)).eval())
         step_bytes = sum(p.nbytes for n, p in model.named_parameters() if n != 'transformer.wpe.weight')
         batch_1 = {}  # tokens/s at batch 1, eager and compiled, for the speed-up of larger batches
         for b in (int(s) for s in sample_batches.split(',')):
@@ -136,9 +137,9 @@ if 'sample' in parts:
                          f"block_size {sample_block_size}, {prompt_tokens}-token prompt"))
             for use_compile in sample_compiles:
                 t0 = time.perf_counter()
-                model.generate(prompt, 2, compile=use_compile)
+                generate(model, prompt, 2, compile=use_compile)
                 start = f", {time.perf_counter() - t0:.0f} s to compile" if use_compile else ''
-                dt = timed(lambda: model.generate(prompt, new_tokens, compile=use_compile), sample_repeats, 0)
+                dt = timed(lambda: generate(model, prompt, new_tokens, compile=use_compile), sample_repeats, 0)
                 speed = b * new_tokens / dt
                 if b == 1:
                     batch_1[use_compile] = speed

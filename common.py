@@ -184,3 +184,39 @@ def open_split(data_dir, meta, split):
 def log(*args):
     """Progress and diagnostics go to stderr, so stdout stays the script's real output."""
     print(*args, file=sys.stderr, flush=True)
+
+
+# nanoGPT's model_args, which every train.py checkpoint holds too; GPTConfig's later options default to GPT-2's recipe
+NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
+
+
+def checkpoint_config(checkpoint, path, config, resume):
+    """The GPTConfig of a train.py (or nanoGPT) checkpoint, checked against the GPTConfig `config` of
+    the run that loads it: to resume, the same model, with the optimizer and random states to go on
+    with; to fine-tune, the same but for block_size (cropped, never grown) and vocab_size (the
+    data's may be smaller). Neither depends on dropout, which may be missing."""
+    from dataclasses import asdict
+    from model import GPTConfig
+    saved = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
+    missing = [f"model_args[{k!r}]" for k in NANOGPT_ARGS if k not in saved and k != 'dropout']
+    if resume:
+        missing += [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in checkpoint]
+        if 'optimizer' in missing:
+            die(f"{path} holds no {', '.join(missing)} to resume from (a weights-only file?): "
+                f"fine-tune it instead, --init_from={path} with another --out_dir")
+    if missing:
+        die(f"{path} lacks {', '.join(missing)}: it is not a complete train.py checkpoint")
+    try:
+        saved = GPTConfig(**saved)  # older checkpoints lack the newer options: theirs are the defaults
+    except (TypeError, ValueError) as e:
+        die(f"{path} holds model_args that model.py cannot build: {e}")
+    have, wanted = asdict(saved), asdict(config)
+    differ = [f"{k}={have[k]} (the config says {wanted[k]})" for k in wanted if have[k] != wanted[k]
+              and k not in ('dropout', 'vocab_size') and (k != 'block_size' or resume)]
+    if differ:
+        die(f"{path} holds a model of another shape: {', '.join(differ)}; train with the config it was made with")
+    if config.block_size > saved.block_size:
+        die(f"{path} was trained with block_size={saved.block_size}; fine-tuning can shrink it, not grow it")
+    if config.vocab_size > saved.vocab_size:
+        die(f"the data's vocabulary ({config.vocab_size} tokens) is larger than that of {path} ({saved.vocab_size})")
+    return saved

@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, open_split, read_meta
-from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer, get_tokenizer
+from generate import use_fast_linears
+from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer, get_tokenizer, token_bytes
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
@@ -48,6 +49,7 @@ dtype = get_dtype(dtype, device_type)
 
 path = checkpoint_path(out_dir, ckpt)
 model, checkpoint = load_model(path, device)
+use_fast_linears(model)  # the CPU's faster weight layouts (generate.py)
 tokenizer = checkpoint_tokenizer(checkpoint)
 enc = get_tokenizer(tokenizer)
 block_size = model.config.block_size
@@ -66,12 +68,9 @@ if n < 1:
 if max_tokens:
     n = min(n, max_tokens)
 
-# bytes of the scored text: each token's UTF-8 bytes, which add up to the decoded text's length
-# whatever the tokenizer (a token may hold part of a character, the next one the rest).
-# <|endoftext|> counts 0 bytes: it marks where a story ends, it is not text (its nats do count,
-# since predicting the end of a story is part of modelling it)
-token_bytes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)
-token_bytes[enc.eot_token] = 0
+# bytes of the scored text; <|endoftext|> has none, but its nats count: predicting the end of a
+# story is part of modelling it
+sizes = token_bytes(enc)
 
 # the loss is computed here, a chunk of positions at a time, from the final hidden states, in one
 # float32 buffer reused in place: the model's own loss would hold every position's logits again in
@@ -100,7 +99,7 @@ for b in tqdm(range(0, len(starts), batch_size), desc=f'{split}', unit='batch'):
         y[row, :length] = data[i + 1:i + 1 + length]
     scored = int((y >= 0).sum())  # only the last window is short: the scored positions come first
     y = y.reshape(-1)[:scored]
-    total_bytes += int(token_bytes[y].sum())
+    total_bytes += int(sizes[y].sum())
     x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
     with torch.inference_mode(), autocast(device_type, dtype):
         h = model.hidden_states(x).flatten(0, 1)[:scored]

@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 
 from common import checkpoint_path, die, load_model, open_split, read_meta
-from tokenizer import checkpoint_tokenizer, get_tokenizer
+from tokenizer import checkpoint_tokenizer, get_tokenizer, token_bytes
 from hf import architecture, save_gpt2, save_llama, save_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -31,10 +31,8 @@ overwrite = False  # replace export_dir when it already holds files
 
 def bits_per_byte(loss, tokens, enc):
     """A mean loss in nats per token over these tokens as bits per byte, counting bytes as eval.py
-    does: <|endoftext|> marks where a story ends, it is not text, so it has none."""
-    token_bytes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)
-    token_bytes[enc.eot_token] = 0
-    n_bytes = int(np.bincount(tokens, minlength=enc.n_vocab) @ token_bytes)
+    does (tokenizer.token_bytes)."""
+    n_bytes = int(np.bincount(tokens, minlength=enc.n_vocab) @ token_bytes(enc))
     return loss * len(tokens) / math.log(2) / n_bytes
 
 

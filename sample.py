@@ -6,7 +6,6 @@ The stories go to stdout (a single one is printed as it is written); the speed g
 The checkpoint holds its tokenizer, so sample.py needs no data_dir.
 """
 import codecs
-import math
 import os
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 import torch
 
 from common import checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
+from generate import check_options, generate, stream
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -31,7 +31,7 @@ window_shift: int | None = None  # past block_size, forget this many oldest toke
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
-compile = False  # torch.compile the decoding step (model.compiled_step): 15-50 s to start on a 2-core CPU, then 1.2-4.5x the tokens/s
+compile = False  # torch.compile the decoding step (generate.compiled_decode): 15-50 s to start on a 2-core CPU, then 1.2-4.5x the tokens/s
 # -----------------------------------------------------------------------------
 
 
@@ -59,16 +59,11 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
         die(f"num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 1:
         die(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not 0 <= temperature < math.inf:
-        die(f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
-    if top_k is not None and top_k < 1:
-        die(f"top_k must be at least 1 or None, got {top_k}")
-    if top_p is not None and not (type(top_p) in (int, float) and 0 < top_p <= 1):
-        die(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
-    if not 0 < repetition_penalty < math.inf:
-        die(f"repetition_penalty must be > 0 (1.0 is off) and finite, got {repetition_penalty}")
-    if window_shift is not None and not (type(window_shift) is int and window_shift >= 1):
-        die(f"window_shift must be a whole number >= 1 or None, got {window_shift!r}")
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    try:
+        check_options(**options, window_shift=1 if window_shift is None else window_shift)
+    except ValueError as e:
+        die(str(e))
     if start.startswith('FILE:'):
         try:
             with open(start[len('FILE:'):], encoding='utf-8') as f:
@@ -98,8 +93,10 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
         # re-reading the window at every token past block_size (window_shift=1) is 3x slower than
         # cached steps; every block_size // 4 tokens it adds ~5%, and the context stays >= 3/4 of it
         window_shift = max(1, block_size // 4)
-    if window_shift > block_size:
-        die(f"window_shift must be at most block_size={block_size}, got {window_shift}")
+    try:
+        check_options(window_shift=window_shift, block_size=block_size)
+    except ValueError as e:
+        die(str(e))
     if dtype != 'float32':
         # generation needs no float32 master weights: casting them once halves the bytes read per
         # token and skips autocast's casting at every op (measured on a CPU with native bf16,
@@ -113,13 +110,11 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
             f"the model sees only its last {block_size}")
         ids = ids[-block_size:]
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                   eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift,
-                   compile=compile)
+    options.update(eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift, compile=compile)
 
     if compile:  # before the clock starts: the speed logged below is the stories'
         t0 = time.time()
-        model.generate(x, 3, temperature=0, compile=True)
+        generate(model, x, 3, temperature=0, compile=True)
         log(f"compiled the decoding step in {time.time() - t0:.0f} s")
     torch.manual_seed(seed)
     t0 = time.time()
@@ -127,7 +122,7 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
 
     def steps():
         """Run the model, adding each step's tokens to the stories; yield the first story's, to show it as it comes."""
-        for step in model.stream(x, max_new_tokens, **options):
+        for step in stream(model, x, max_new_tokens, **options):
             for row, t in zip(new, step[:, 0].tolist()):
                 row.append(t)
             if not (stop_at_eot and new[0][-1] == enc.eot_token):

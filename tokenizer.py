@@ -95,6 +95,16 @@ def get_tokenizer(state=GPT2):
         die(f"the tokenizer.json of {state['name']} is not one that prepare.py wrote ({type(e).__name__}: {e})")
 
 
+
+def token_bytes(enc):
+    """Each token's length in UTF-8 bytes (a numpy array), for bits per byte: they add up to the decoded
+    text's length whatever the tokenizer (a token may hold part of a character, the next one the rest).
+    <|endoftext|> has none: it marks where a story ends, it is not text."""
+    import numpy as np
+    sizes = np.array([len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)], dtype=np.int64)
+    sizes[enc.eot_token] = 0
+    return sizes
+
 def train_tokenizer(name, texts, length=None):
     """For prepare.py: the state of the tokenizer `name` names, for 'bpe:N' trained on texts (the
     train documents only, an iterable read once; length is its count, for the progress bar)."""

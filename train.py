@@ -10,7 +10,6 @@ SIGTERM finishes the current step, saves last.pt and exits with status 128 + the
 --init_from=gpt2 (gpt2-medium, gpt2-large, gpt2-xl) or a transformers GPT-2 folder fine-tunes
 those weights (hf.py maps them) on GPT-2-tokenized data.
 """
-import json
 import math
 import os
 import random
@@ -19,18 +18,17 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields, replace
 
-import matplotlib
-matplotlib.use('Agg')  # draw into files; no display needed
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import atomic_output, autocast, die, get_device, get_dtype, keep_freed_memory, load_checkpoint, log, open_split, read_meta, remove_stale_temps
+from common import (NANOGPT_ARGS, atomic_output, autocast, checkpoint_config, die, get_device, get_dtype, keep_freed_memory,
+                    load_checkpoint, log, open_split, read_meta, remove_stale_temps)
+from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
 
@@ -90,19 +88,20 @@ seed = 1337
 peak_flops = 0.0  # the MFU's denominator in FLOP/s (>= 0); 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-# every setting's range, in one place, before anything is read or written (ordered: n_head >= 1 comes before n_embd % n_head)
+# every setting's range, before anything is read or written: the training settings' here, the model's in GPTConfig
 for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'patience >= 0', 'batch_size >= 1',
-             'gradient_accumulation_steps >= 1', 'block_size >= 1', 'n_layer >= 1', 'n_head >= 1', 'n_embd >= 1',
-             'n_embd % n_head == 0', '0 <= dropout < 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
-             '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', 'warmup_iters >= 0', 'min_lr >= 0',
-             'not decay_lr or lr_decay_iters >= warmup_iters', 'peak_flops >= 0', "backend in ('auto', 'nccl', 'gloo')",
-             "dtype in ('auto', 'float32', 'bfloat16', 'float16')", "pos_emb in ('learned', 'rope')",
-             "norm in ('layernorm', 'rmsnorm')", "mlp in ('gelu', 'swiglu')", 'rope_theta > 0',
-             "pos_emb != 'rope' or n_embd // n_head % 2 == 0", "optimizer in ('adamw', 'muon')",
-             'muon_learning_rate > 0', '0 <= muon_momentum < 1'):
+             'gradient_accumulation_steps >= 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
+             '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', "optimizer in ('adamw', 'muon')",
+             'muon_learning_rate > 0', '0 <= muon_momentum < 1', 'warmup_iters >= 0', 'min_lr >= 0',
+             'not decay_lr or lr_decay_iters >= warmup_iters', "dtype in ('auto', 'float32', 'bfloat16', 'float16')",
+             "backend in ('auto', 'nccl', 'gloo')", 'peak_flops >= 0'):
     if not eval(rule, {'__builtins__': {}}, config):  # the rules above, never user input: values are parsed literals
         got = ', '.join(f'{k}={config[k]!r}' for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in config)
         die(f"need {rule}, got {got}")
+try:  # with GPTConfig's default vocab_size until meta.json gives the data's
+    model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
+except ValueError as e:
+    die(str(e))
 # -----------------------------------------------------------------------------
 
 # a new run would replace a trained model and reset its metrics.jsonl: only when asked to
@@ -138,6 +137,7 @@ for split in ('train', 'validation'):
     if tokens <= block_size:
         die(f"{data_dir}/{split}.bin holds {tokens} tokens, too few for block_size={block_size}: "
             "use a smaller --block_size or more data")
+model_config = replace(model_config, vocab_size=meta['vocab_size'])
 
 if master_process:
     try:
@@ -146,18 +146,7 @@ if master_process:
     except OSError as e:
         die(f"cannot write to out_dir {out_dir}: {e.strerror or e} (choose another --out_dir)")
     remove_stale_temps(out_dir)  # a kill -9 mid-write leaves a checkpoint-sized NAME.tmpPID
-    if tensorboard_log:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            die("tensorboard_log=True needs TensorBoard: pip install tensorboard")
-        tb_writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
-    if wandb_log:
-        try:
-            import wandb
-        except ImportError:
-            die("wandb_log=True needs Weights & Biases: pip install wandb")
-        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    metrics_log = MetricsLog(out_dir, tensorboard_log, wandb_log, wandb_project, wandb_run_name, config)
 
 
 def get_batch(split):
@@ -174,17 +163,12 @@ def get_batch(split):
     return x.to(device), y.to(device)
 
 
-model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
-                  vocab_size=meta['vocab_size'], dropout=dropout)
-# only the options that differ from GPT-2's recipe are stored, so that nanoGPT reads a default model's checkpoint
-options = dict(pos_emb=pos_emb, norm=norm, mlp=mlp, tie_embeddings=tie_embeddings, rope_theta=rope_theta)
-model_args.update({k: v for k, v in options.items() if v != getattr(GPTConfig, k)})
 if init_from == 'scratch':
-    model = GPT(GPTConfig(**model_args))
+    model = GPT(model_config)
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
     from hf import gpt2_from_pretrained  # needs transformers, which only this path imports
-    model_args, state_dict = gpt2_from_pretrained(init_from, meta, block_size, dropout)
-    model = GPT(GPTConfig(**model_args))
+    hf_args, state_dict = gpt2_from_pretrained(init_from, meta, block_size, dropout)
+    model = GPT(GPTConfig(**hf_args))
     model.load_state_dict(state_dict)
 else:
     ckpt_path = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
@@ -193,43 +177,21 @@ else:
             else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
     checkpoint = load_checkpoint(ckpt_path, device)
     check_same(tokenizer, checkpoint_tokenizer(checkpoint), data_dir, ckpt_path)
-    saved = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
-    missing = [f"model_args[{k!r}]" for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size')
-               if k not in saved]
-    if init_from == 'resume':
-        missing += [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in checkpoint]
-        if 'optimizer' in missing:
-            die(f"{ckpt_path} holds no {', '.join(missing)} to resume from (a weights-only file?): "
-                f"fine-tune it instead, --init_from={ckpt_path} with another --out_dir")
-    if missing:
-        die(f"{ckpt_path} lacks {', '.join(missing)}: it is not a complete train.py checkpoint")
-    try:
-        saved = asdict(GPTConfig(**saved))  # older checkpoints lack the newer options: theirs are the defaults
-    except (TypeError, ValueError) as e:
-        die(f"{ckpt_path} holds model_args that model.py cannot build: {e}")
-    shape = (['n_layer', 'n_head', 'n_embd', 'bias', 'pos_emb', 'norm', 'mlp', 'tie_embeddings', 'rope_theta']
-             + (['block_size'] if init_from == 'resume' else []))
-    wanted = asdict(GPTConfig(**model_args))
-    differ = [f"{k}={saved[k]} (the config says {wanted[k]})" for k in shape if saved[k] != wanted[k]]
-    if differ:
-        die(f"{ckpt_path} holds a model of another shape: {', '.join(differ)}; train with the config it was made with")
+    saved = checkpoint_config(checkpoint, ckpt_path, model_config, resume=init_from == 'resume')
     if init_from == 'resume' and checkpoint['config'].get('optimizer', 'adamw') != optimizer:
         die(f"{ckpt_path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}; "
             f"resume it with that optimizer")
-    if block_size > saved['block_size']:
-        die(f"{ckpt_path} was trained with block_size={saved['block_size']}; fine-tuning can shrink it, not grow it")
-    if model_args['vocab_size'] > saved['vocab_size']:
-        die(f"the data's vocabulary ({model_args['vocab_size']} tokens) is larger than that of {ckpt_path} "
-            f"({saved['vocab_size']})")
-    model_args['vocab_size'] = saved['vocab_size']
-    model = GPT(GPTConfig(**{**model_args, 'block_size': saved['block_size']}))
+    model = GPT(replace(model_config, vocab_size=saved.vocab_size, block_size=saved.block_size))
     try:
         model.load_state_dict(checkpoint['model'])
     except RuntimeError as e:
         die(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[0]}")
-    if block_size < saved['block_size']:
+    if block_size < saved.block_size:
         model.crop_block_size(block_size)
 model.to(device)
+# GPTConfig's options join nanoGPT's model_args only where they differ from its defaults (GPT-2's recipe), so that
+# nanoGPT reads a default model's checkpoint
+model_args = {k: v for k, v in asdict(model.config).items() if k in NANOGPT_ARGS or v != getattr(GPTConfig, k)}
 
 # a GradScaler keeps small fp16 gradients from flushing to zero; it does nothing for other dtypes
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -300,42 +262,8 @@ if eval_only:  # the model's losses on stdout, and no files written
         print(f"train loss {train_loss:.4f}, val loss {val_loss:.4f}")
     sys.exit(0)
 
-metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 if master_process:
-    # a resumed run redoes the steps logged after its checkpoint; any other run starts a new log
-    kept = []
-    if init_from == 'resume' and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            kept = [line for line in f if line.endswith('\n') and json.loads(line)['iter'] <= iter_num]
-    with open(metrics_path, 'w') as f:
-        f.writelines(kept)
-
-
-def record(**metrics):
-    """One row of metrics.jsonl, and of TensorBoard and W&B when they are on."""
-    with open(metrics_path, 'a') as f:
-        f.write(json.dumps(metrics) + '\n')
-    if tensorboard_log:
-        for key, value in metrics.items():
-            tb_writer.add_scalar(key, value, metrics['iter'])
-    if wandb_log:
-        wandb.log(metrics, step=metrics['iter'])
-
-
-def plot_losses():
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
-    steps, evals = [r for r in rows if 'loss' in r], [r for r in rows if 'val_loss' in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    ax.plot([r['iter'] for r in steps], [r['loss'] for r in steps], alpha=0.4, label='train (one step)')
-    ax.plot([r['iter'] for r in evals], [r['train_loss'] for r in evals], 'o-', label='train')
-    ax.plot([r['iter'] for r in evals], [r['val_loss'] for r in evals], 'o-', label='validation')
-    ax.set(xlabel='iteration', ylabel='loss', title=out_dir)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    with atomic_output(os.path.join(out_dir, 'loss.png')) as tmp:
-        fig.savefig(tmp, format='png', dpi=100)
-    plt.close(fig)
+    metrics_log.start(iter_num if init_from == 'resume' else None)
 
 
 def save_checkpoint(names):
@@ -410,8 +338,8 @@ while True:
         if master_process:
             bar.write(f"iter {iter_num}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
                       + (" (best)" if improved else ""), file=sys.stderr)
-            record(iter=iter_num, train_loss=train_loss, val_loss=val_loss, lr=lr)
-            plot_losses()
+            metrics_log.record(iter=iter_num, train_loss=train_loss, val_loss=val_loss, lr=lr)
+            metrics_log.plot()
         # best.pt first: a kill between the two leaves last.pt recording an older best, never a newer one
         save_checkpoint(['best.pt', 'last.pt'] if improved else ['last.pt'])
         saved_at = iter_num
@@ -464,7 +392,7 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak_flops)
             bar.write(f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
                       f"{tokens_per_iter / dt:,.0f} tokens/s, MFU {mfu * 100:.2f}%", file=sys.stderr)
-            record(iter=iter_num, loss=lossf, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu)
+            metrics_log.record(iter=iter_num, loss=lossf, lr=lr, ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt, mfu=mfu)
         window_time, window_iters = 0.0, 0
 bar.close()
 if master_process:

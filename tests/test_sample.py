@@ -158,12 +158,13 @@ def test_stories_stop_at_end_of_text(chain):
 
 def test_streamed_story_is_the_generated_one(random_dir, enc):
     from common import load_model
+    from generate import generate
     opts = dict(temperature=1.0, top_k=None, top_p=0.9, repetition_penalty=1.3, window_shift=4)
     streamed = story(random_dir, '--start=Hi', '--seed=7', '--max_new_tokens=40', '--dtype=float32',
                      *(f'--{k}={v}' for k, v in opts.items()))
     model, _ = load_model(os.path.join(random_dir, 'best.pt'))
     torch.manual_seed(7)
-    y = model.generate(torch.tensor([[EOT] + enc.encode('Hi')]), 40, eos_token=EOT, **opts)[0, 2:].tolist()
+    y = generate(model, torch.tensor([[EOT] + enc.encode('Hi')]), 40, eos_token=EOT, **opts)[0, 2:].tolist()
     y = y[:y.index(EOT)] if EOT in y else y
     assert streamed == 'Hi' + enc.decode(y) + '\n'
 
@@ -199,7 +200,7 @@ def test_sampling_options_reach_the_model(random_dir):
 def test_tiny_temperature_is_greedy(temperature):
     """Dividing by a temperature this small overflows float32 logits (inf - inf = NaN, and every
     token became the last id, <|endoftext|>); in the limit it is greedy."""
-    from model import sample_logits
+    from generate import sample_logits
     logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(0)) * 10
     assert torch.equal(sample_logits(logits.clone(), temperature), logits.argmax(-1, keepdim=True))
     assert torch.equal(sample_logits(logits.clone(), temperature, top_k=5, top_p=0.9), logits.argmax(-1, keepdim=True))
@@ -230,13 +231,14 @@ def test_tiny_temperature_story_is_the_greedy_one(random_dir):
 @pytest.mark.parametrize('num_samples', [1, 3])
 def test_ctrl_c_prints_what_exists_of_every_story(chain, monkeypatch, num_samples):
     """KeyboardInterrupt after two tokens: each story so far is printed, and the exit status is 130."""
-    stream = GPT.stream
-    def interrupted(self, *args, **kwargs):
-        for i, token in enumerate(stream(self, *args, **kwargs)):
+    import generate
+    stream = generate.stream
+    def interrupted(*args, **kwargs):
+        for i, token in enumerate(stream(*args, **kwargs)):
             if i == 2:
                 raise KeyboardInterrupt
             yield token
-    monkeypatch.setattr(GPT, 'stream', interrupted)
+    monkeypatch.setattr(generate, 'stream', interrupted)
     out, err = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={chain}', '--start=Once', f'--num_samples={num_samples}'])
     with pytest.raises(SystemExit) as e, redirect_stdout(out), redirect_stderr(err):

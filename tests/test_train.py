@@ -385,6 +385,8 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     ('--lr_decay_iters=1', 'not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr=True, lr_decay_iters=1, warmup_iters=2'),
     ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
     ('--dtype=fp8', "dtype in ('auto', 'float32', 'bfloat16', 'float16')"),
+    ('--optimizer=sgd', "optimizer in ('adamw', 'muon'), got optimizer='sgd'"),
+    ('--pos_emb=alibi', "pos_emb='alibi'"), ('--mlp=relu', "mlp='relu'"),  # GPTConfig's own checks
 ])
 def test_a_setting_out_of_range_stops_before_any_work(arg, rule, tmp_path, monkeypatch):
     # in this process, where torch is already imported: the check must come before data, model and files

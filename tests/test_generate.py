@@ -1,0 +1,252 @@
+import pytest
+import torch
+
+import generate as gen
+from generate import FastLinear, KVCache, fast_layout, generate, sample_logits, stream, use_fast_linears
+from model import GPT, GPTConfig
+
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def fast_logits(model, idx):
+    """Logits of every position from a cached decode, one token per step (the fast path)."""
+    use_fast_linears(model)
+    cache = KVCache.empty(model.config, idx.size(0), idx.device, model.lm_head.weight.dtype)
+    logits = []
+    with torch.no_grad():
+        for t in range(idx.size(1)):
+            logits.append(gen.decode(model, idx[:, t:t + 1], cache.layers, cache.pos))
+            cache.pos += 1
+    return torch.cat(logits, dim=1)
+
+
+def plain_logits(model, idx):
+    """Logits of every position through F.linear: with gradients on, the fast path stays off."""
+    with torch.enable_grad():
+        return model(idx, targets=torch.zeros_like(idx))[0].detach()
+
+
+def train_step(model, idx):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    optimizer.step()
+
+
+def test_fast_path_is_taken_and_agrees_with_f_linear():
+    model, idx = tiny(), torch.randint(97, (3, 10))
+    fast = fast_logits(model, idx)
+    assert all(m.laid_out is not None for m in model.modules() if isinstance(m, FastLinear))
+    torch.testing.assert_close(fast, plain_logits(model, idx))
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_fast_path_follows_an_optimizer_step(mode):
+    model, idx = tiny(), torch.randint(97, (2, 10))
+    before = fast_logits(model, idx)
+    if mode == 'train':
+        model.train()
+    train_step(model, idx)  # in eval mode (dropout 0) no train() call drops the copies
+    if mode == 'train':
+        model.eval()
+    after = fast_logits(model, idx)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, plain_logits(model, idx))
+
+
+def test_fast_path_follows_load_state_dict():
+    model, other, idx = tiny(0), tiny(1), torch.randint(97, (2, 10))
+    fast_logits(model, idx)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(fast_logits(model, idx), plain_logits(other, idx))
+
+
+def test_copies_stay_out_of_the_state_dict_and_go_with_train():
+    model, idx = tiny(), torch.randint(97, (1, 4))
+    names = list(model.state_dict())
+    fast_logits(model, idx)
+    assert list(model.state_dict()) == names
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.train()
+    assert all(m.laid_out is None for m in model.modules() if isinstance(m, FastLinear))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
+def test_bf16_fast_path_agrees_with_f_linear():
+    model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
+    fast = fast_logits(model, idx)
+    assert model.lm_head.laid_out[2:4] == ('packed', torch.bfloat16)
+    torch.testing.assert_close(fast, plain_logits(model, idx), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize('onednn', [True, False])
+def test_eager_cpu_cache_is_float32_under_bf16_weights_and_the_activations_stay_bf16(monkeypatch, onednn):
+    model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
+    if not onednn:  # F.linear throughout, as on a CPU without oneDNN's bf16 kernels
+        monkeypatch.setattr('generate.fast_layout', lambda w, rows, dtype: None)
+    dtypes = []
+    empty = KVCache.empty
+    monkeypatch.setattr(KVCache, 'empty', lambda *args: dtypes.append(args[-1]) or empty(*args))
+    generate(model, idx, 3, temperature=0)
+    assert dtypes == [torch.float32]
+    cache = KVCache.empty(model.config, 2, 'cpu', torch.float32)
+    with torch.no_grad():
+        assert model.hidden_states(idx[:, :-1], cache).dtype == torch.bfloat16  # prefill
+        cache.pos = idx.size(1) - 1
+        assert model.hidden_states(idx[:, -1:], cache).dtype == torch.bfloat16  # one cached step
+
+
+@pytest.mark.parametrize('width, shape, layout', [(8192, (1, 1), 'columns'), (8192, (3, 5), 'packed'),
+                                                 (64, (1, 1), 'transposed')])
+def test_each_fp32_layout_agrees_with_f_linear(width, shape, layout):
+    torch.manual_seed(0)
+    layer = FastLinear(512, width).eval()  # 2**22 weights: one row takes the column blocks; 2**15: the transposed copy
+    if fast_layout(layer.weight, shape[0] * shape[1], torch.float32) != layout:
+        pytest.skip(f"this CPU has no {layout} layout (no oneDNN x86 kernels)")
+    x = torch.randn(*shape, 512)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.laid_out[2:4] == (layout, torch.float32)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
+def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
+    torch.manual_seed(0)
+    layer, x = FastLinear(64, 96).eval(), torch.randn(4, 64)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        y, ref = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert y.dtype == ref.dtype == torch.bfloat16 and layer.laid_out[2:4] == ('packed', torch.bfloat16)
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize('options', [{}, dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)])
+def test_compiled_step_decodes_as_full_recompute_and_follows_a_weight_change(options):
+    # fp32 greedy through torch.compile's step equals nanoGPT's re-reading of the window, past a
+    # slide of the window too (block_size 16); then a weight changed in place (the frozen copy
+    # would be stale) is followed
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, **options)).eval()
+    idx = torch.randint(97, (2, 5))
+    for changed in (False, True):
+        if changed:
+            train_step(model, idx)
+            model.eval()
+        full = generate(model, idx, 20, temperature=0, use_cache=False)
+        assert torch.equal(generate(model, idx, 20, temperature=0, compile=True), full)
+
+
+def test_swapped_layers_keep_the_parameters_state_dict_and_tying():
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    use_fast_linears(model)
+    assert all(type(m) is not torch.nn.Linear for m in model.modules())
+    assert list(model.parameters()) == params and model.lm_head.weight is model.transformer.wte.weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and list(before) == list(model.state_dict())
+
+
+@pytest.mark.parametrize('prompt_len', [5, 16, 23])
+def test_cached_greedy_equals_full_recompute(prompt_len):
+    model = tiny()
+    idx = torch.randint(97, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
+    full = generate(model, idx, 30, temperature=0, use_cache=False)
+    cached = generate(model, idx, 30, temperature=0, use_cache=True)
+    assert torch.equal(full, cached)
+    assert full.shape == (2, prompt_len + 30)
+
+
+def test_wider_window_shift_matches_until_the_window_fills():
+    model = tiny()
+    idx = torch.randint(97, (2, 4))
+    full = generate(model, idx, 30, temperature=0, use_cache=False)
+    shifted = generate(model, idx, 30, temperature=0, window_shift=8)
+    assert torch.equal(full[:, :17], shifted[:, :17])  # 16 context tokens + the first prediction past them
+    assert shifted.shape == full.shape
+
+
+def test_same_seed_same_sample_with_and_without_cache():
+    model = tiny()
+    idx = torch.randint(97, (3, 6))
+    torch.manual_seed(1)
+    a = generate(model, idx, 12, temperature=0.8, top_k=20)
+    torch.manual_seed(1)
+    b = generate(model, idx, 12, temperature=0.8, top_k=20, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_stream_yields_the_generated_tokens():
+    model = tiny()
+    idx = torch.randint(97, (2, 3))
+    streamed = torch.cat([idx] + list(stream(model, idx, 7, temperature=0)), dim=1)
+    assert torch.equal(streamed, generate(model, idx, 7, temperature=0))
+
+
+def scripted(rows):
+    """A tiny GPT that ignores its input: at step i, row r's likeliest token is rows[r][i]."""
+    model, steps = tiny(), iter(range(100))
+    def hidden_states(idx, cache=None):
+        i, logits = next(steps), torch.zeros(len(rows), idx.size(1), 97)
+        for r, row in enumerate(rows):
+            logits[r, -1, row[i]] = 1.0
+        return logits
+    model.hidden_states = hidden_states
+    model.lm_head = torch.nn.Identity()  # the "hidden states" are the logits
+    return model
+
+
+def test_end_of_text_ends_each_row_then_the_stream():
+    eos, start = 9, torch.zeros(2, 1, dtype=torch.long)
+    rows = [[1, eos, 2, 3, 4, 5, 6, 7], [1, 2, 3, eos, 4, 5, 6, 7]]
+    # row 0 keeps emitting eos though its model says 2, 3; once row 1 is done too, the stream ends
+    out = generate(scripted(rows), start, 8, temperature=0, eos_token=eos)
+    assert out[:, 1:].tolist() == [[1, eos, eos, eos], [1, 2, 3, eos]]
+    # while one row is unfinished, the stream runs its full length
+    rows[1][3] = 8
+    out = generate(scripted(rows), start, 8, temperature=0, eos_token=eos)
+    assert out[:, 1:].tolist() == [[1] + [eos] * 7, rows[1]]
+    # without eos_token, eos is a token like any other
+    assert generate(scripted(rows), start, 8, temperature=0)[:, 1:].tolist() == rows
+
+
+def test_top_k_and_top_p_restrict_choices():
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    assert set(sample_logits(logits.clone(), top_k=2).flatten().tolist()) == {0, 1}
+    assert set(sample_logits(logits.clone(), top_p=0.75).flatten().tolist()) == {0, 1}
+    assert set(sample_logits(logits.clone(), top_p=0.4).flatten().tolist()) == {0}
+    assert sample_logits(logits.clone(), temperature=0).unique().tolist() == [0]
+    hot = sample_logits(logits.clone(), temperature=5.0).flatten()
+    assert (hot == 3).float().mean() > 0.1  # flattened towards uniform
+
+
+def test_top_k_and_top_p_sample_the_renormalised_distribution():
+    # the kept tokens are sampled in order of likelihood and mapped back to their ids: the ids and
+    # their frequencies must both survive, with the vocabulary in no particular order
+    torch.manual_seed(0)
+    probs = torch.tensor([0.05, 0.3, 0.15, 0.5])
+    logits = torch.log(probs).repeat(40000, 1)
+    for kw, kept in ((dict(top_k=3), [1, 2, 3]), (dict(top_p=0.7), [1, 3]), (dict(top_k=3, top_p=0.9), [1, 2, 3]),
+                     (dict(top_k=2, temperature=0.5), [1, 3])):
+        picks = sample_logits(logits.clone(), **kw).flatten()
+        p = probs[kept] ** (1 / kw.get('temperature', 1.0))
+        expected = torch.zeros(4).index_put_((torch.tensor(kept),), p / p.sum())
+        assert torch.allclose(torch.bincount(picks, minlength=4) / len(picks), expected, atol=0.01), kw
+
+
+def test_repetition_penalty_discourages_seen_tokens():
+    model = tiny()
+    idx = torch.randint(97, (1, 4))
+    plain = generate(model, idx, 40, temperature=0)[0, 4:]
+    penalised = generate(model, idx, 40, temperature=0, repetition_penalty=3.0)[0, 4:]
+    assert len(set(penalised.tolist())) > len(set(plain.tolist()))
+
+
+@pytest.mark.parametrize('kw', [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(repetition_penalty=0),
+                                dict(window_shift=0), dict(window_shift=17), dict(top_k=0)])
+def test_bad_generation_options(kw):
+    with pytest.raises(ValueError):
+        generate(tiny(), torch.zeros(1, 1, dtype=torch.long), 2, **kw)
