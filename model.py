@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from muon import MuonWithAdamW
+
 
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (PyTorch's own cannot drop just the bias)."""
@@ -183,34 +185,6 @@ class GPTConfig:
                 raise ValueError(f"need {rule}, got {', '.join(f'{k}={getattr(self, k)!r}' for k in names)}")
 
 
-class MuonWithAdamW:
-    """Muon and AdamW stepped as one optimizer, so that train.py's learning-rate schedule, gradient
-    clipping, GradScaler and checkpoints handle it as they handle AdamW alone: one param_groups
-    list (Muon's group first; the dicts are the optimizers' own), one state_dict."""
-
-    def __init__(self, muon, adamw):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self):  # looked up each time: load_state_dict replaces an optimizer's groups
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self):
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none=True):
-        self.muon.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
-
-    def state_dict(self):
-        return {'muon': self.muon.state_dict(), 'adamw': self.adamw.state_dict()}
-
-    def load_state_dict(self, state):
-        self.muon.load_state_dict(state['muon'])
-        self.adamw.load_state_dict(state['adamw'])
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -291,7 +265,7 @@ class GPT(nn.Module):
                              muon_learning_rate=1e-3, muon_momentum=0.95):
         """AdamW with weight decay on 2-D weights only (matmuls and embeddings), not on biases and
         norm gains; the fused kernel on CUDA. optimizer='muon' moves the blocks' matrices to Muon
-        (the rest stays with AdamW): see MuonWithAdamW. train.py checks the name with its settings."""
+        (the rest stays with AdamW): see muon.py. train.py checks the name with its settings."""
         to_muon, rest = [], []
         for name, p in self.named_parameters():  # a tied weight comes once, as transformer.wte.weight
             if p.requires_grad:
@@ -305,12 +279,7 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({'fused': True} if fused else {}))
         if optimizer == 'adamw':
             return adamw
-        # match_rms_adamw (Moonshot's "Muon is Scalable"): the update's RMS matches a typical AdamW
-        # step's, so muon_learning_rate and weight_decay live on AdamW's scale rather than Keller
-        # Jordan's original (lr ~0.02, whose step size also depends on the matrix's aspect ratio)
-        muon = torch.optim.Muon(to_muon, lr=muon_learning_rate, weight_decay=weight_decay, momentum=muon_momentum,
-                                adjust_lr_fn='match_rms_adamw')
-        return MuonWithAdamW(muon, adamw)
+        return MuonWithAdamW(to_muon, adamw, muon_learning_rate, weight_decay, muon_momentum, device_type)
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""

@@ -165,6 +165,26 @@ def test_muon_and_adamw_step_save_and_load_as_one_optimizer():
     assert not torch.equal(a.transformer.h[0].attn.c_attn.weight, tiny(**LLAMA).transformer.h[0].attn.c_attn.weight)
 
 
+
+@pytest.mark.parametrize('has_bf16', [True, False])
+def test_muon_orthogonalises_in_float32_on_a_cpu_without_bf16(monkeypatch, has_bf16):
+    """There torch.optim.Muon's bf16 products are emulated and slow: the same iteration runs in
+    float32, which torch's bf16 result approximates; with bf16 instructions torch's own runs."""
+    from torch.optim import _muon
+    from muon import orthogonalise_float32
+    g = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    args = (3.4445, -4.7750, 2.0315), 5, 1e-7  # torch's coefficients, steps and eps
+    ours, torchs = orthogonalise_float32(g, *args), _muon._zeropower_via_newtonschulz(g, *args)
+    assert ours.dtype == torch.float32 and torchs.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, torchs.float(), atol=0.03, rtol=0.03)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: has_bf16, raising=False)
+    bf16 = _muon._zeropower_via_newtonschulz
+    called = []
+    monkeypatch.setattr('muon.orthogonalise_float32', lambda *args: called.append(1) or orthogonalise_float32(*args))
+    model = tiny(**LLAMA).train()
+    one_step(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon'))
+    assert bool(called) != has_bf16 and _muon._zeropower_via_newtonschulz is bf16  # put back after the step
+
 # ---------------------------------------------------------------------------- train.py
 
 @pytest.fixture(scope='module')
