@@ -105,8 +105,8 @@ def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.
         raise ValueError(f"window_shift must be at most block_size={block_size}, got {window_shift}")
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
-    """Pick one token per row from logits (B, vocab)."""
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, vocab), drawing from generator (torch's default one if None)."""
     # below float32's smallest normal number a temperature is greedy in all but name (and float32
     # rounds one below ~1e-45 to 0, which would divide 0 by 0)
     if temperature < torch.finfo(torch.float32).tiny:
@@ -128,7 +128,7 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None):
     # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry, which
     # costs more than a whole cached forward pass of a small model on the CPU
     cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
     pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
     return pick if ids is None else ids.gather(1, pick)
 
@@ -191,6 +191,100 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
         yield next_token
         if done.all():
             break
+
+
+class RowCache:
+    """A KVCache whose rows each sit at their own position, pos (B,), and take one new token a step."""
+
+    def __init__(self, layers, pos):
+        self.layers, self.pos = layers, pos
+
+    def positions(self, T):
+        return self.pos[:, None]
+
+    def attend(self, i, q, k, v):
+        keys, values = self.layers[i]
+        rows = torch.arange(len(self.pos), device=q.device)
+        keys[rows, :, self.pos], values[rows, :, self.pos] = k[:, :, 0], v[:, :, 0]
+        seen = torch.arange(keys.size(2), device=q.device) <= self.pos[:, None]  # each row its own positions
+        # the plain product, softmax and product: SDPA's CPU kernel splits its work by thread so that a
+        # row's result depends on its slot in the batch (seen with 2 threads), and a row's text would
+        # depend on which others are in flight
+        att = (q.to(keys.dtype) @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(keys.size(-1)))
+        y = F.softmax(att.masked_fill(~seen[:, None, None, :], float('-inf')), dim=-1) @ values
+        return y.to(q.dtype)
+
+
+class Row(NamedTuple):
+    tokens: list  # the prompt's and the new ones, for re-reading the window when it slides
+    temperature: float
+    top_k: int
+    top_p: float
+    generator: torch.Generator
+
+
+class Rows:
+    """Rows decoded together, one batched step for all (continuous batching, as a server needs):
+    each sits at its own position, with its own sampling settings and random generator, and slides
+    its own window past block_size; a row joins (add) or leaves (remove) between steps. A step always
+    decodes max_rows rows, free ones as padding, and a prompt is read alone: a row's tokens do not
+    depend on the others (in float32, the same alone as in a full batch). Not thread-safe."""
+
+    def __init__(self, model, max_rows=8, window_shift=None):
+        self.model = use_fast_linears(model)
+        self.block_size = model.config.block_size
+        self.window_shift = window_shift or max(1, self.block_size // 4)
+        check_options(window_shift=self.window_shift, block_size=self.block_size)
+        weight = model.lm_head.weight
+        self.device = weight.device
+        dtype = torch.float32 if self.device.type == 'cpu' else weight.dtype  # as stream's eager cache
+        # zeros: the plain attention weighs the unfilled positions by 0, and 0 * NaN (torch.empty's garbage) is NaN
+        self.layers = [(k.zero_(), v.zero_()) for k, v in KVCache.empty(model.config, max_rows, self.device, dtype).layers]
+        self.pos, self.next = [0] * max_rows, [0] * max_rows  # each row's cached positions and token to feed
+        self.rows = [None] * max_rows
+
+    @property
+    def free(self):
+        return self.rows.count(None)
+
+    def add(self, ids, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """A new row for the prompt ids (its last block_size tokens); returns its slot."""
+        check_options(temperature, top_k, top_p)
+        if None not in self.rows:
+            raise ValueError(f"all {len(self.rows)} rows are taken")
+        slot = self.rows.index(None)
+        generator = torch.Generator(self.device)
+        generator.seed() if seed is None else generator.manual_seed(seed)
+        self.rows[slot] = Row(list(ids[-self.block_size:]), temperature, top_k, top_p, generator)
+        self.read(slot, self.rows[slot].tokens)
+        return slot
+
+    def remove(self, slot):
+        self.rows[slot] = None
+
+    @torch.no_grad()
+    def read(self, slot, ids):
+        """Fill slot's cache with all of ids but the last, alone, which the next step feeds."""
+        if len(ids) > 1:
+            cache = KVCache([(k[slot:slot + 1], v[slot:slot + 1]) for k, v in self.layers])  # views of slot's row
+            self.model.hidden_states(torch.tensor([ids[:-1]], device=self.device), cache)
+        self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
+
+    @torch.no_grad()
+    def step(self):
+        """One decoding step of every row: {slot: its next token}."""
+        cache = RowCache(self.layers, torch.tensor(self.pos, device=self.device))
+        x = self.model.hidden_states(torch.tensor(self.next, device=self.device)[:, None], cache)
+        logits = self.model.lm_head(x[:, -1, :]).float()
+        picks = {slot: sample_logits(logits[slot:slot + 1], row.temperature, row.top_k, row.top_p, row.generator)
+                 for slot, row in enumerate(self.rows) if row is not None}
+        tokens = dict(zip(picks, torch.cat(list(picks.values())).flatten().tolist())) if picks else {}
+        for slot, token in tokens.items():
+            self.rows[slot].tokens.append(token)
+            self.pos[slot], self.next[slot] = self.pos[slot] + 1, token
+            if self.pos[slot] == self.block_size:  # full: re-read the last tokens, as stream does
+                self.read(slot, self.rows[slot].tokens[-(self.block_size - self.window_shift + 1):])
+        return tokens
 
 
 # ---------------------------------------------------------------------------------------------------

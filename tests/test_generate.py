@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import generate as gen
-from generate import FastLinear, KVCache, fast_layout, generate, sample_logits, stream, use_fast_linears
+from generate import FastLinear, KVCache, Rows, fast_layout, generate, sample_logits, stream, use_fast_linears
 from model import GPT, GPTConfig
 
 
@@ -250,3 +250,55 @@ def test_repetition_penalty_discourages_seen_tokens():
 def test_bad_generation_options(kw):
     with pytest.raises(ValueError):
         generate(tiny(), torch.zeros(1, 1, dtype=torch.long), 2, **kw)
+
+
+# ---------------------------------------------------------------------------- Rows: continuous batching
+
+PROMPTS = [[1, 2, 3], [5], list(range(10, 30)), [7, 8], [40] * 15, [3, 1], [90, 91, 92, 93], [11]]
+
+
+def decode_rows(model, which, steps=30, **options):
+    """Each prompt of PROMPTS named in which (a list of lists: the groups that join together, one after another), its tokens."""
+    rows, out = Rows(model, max_rows=8, window_shift=options.pop('window_shift', 4)), {}
+    for group in which:
+        slots = {rows.add(PROMPTS[i], seed=i, **options): i for i in group}
+        out.update({i: [] for i in group})
+        for _ in range(steps):
+            for slot, token in rows.step().items():
+                out[slots[slot]].append(token)
+        for slot in slots:
+            rows.remove(slot)
+    return out
+
+
+@pytest.mark.parametrize('options', [{}, dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)])
+@pytest.mark.parametrize('sampling', [dict(temperature=0), dict(temperature=1.0, top_k=20), dict(temperature=0.8, top_p=0.9)])
+def test_a_rows_tokens_are_the_same_alone_or_among_eight(options, sampling):
+    # float32; prompts of 1 to 20 tokens (block_size 16: the window slides, for some at once)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, **options)).eval()
+    alone = decode_rows(model, [[i] for i in range(8)], **sampling)
+    assert decode_rows(model, [list(range(8))], **sampling) == alone
+    assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], **sampling) == alone  # others join in other slots
+
+
+def test_rows_decode_as_full_recompute_with_window_shift_1():
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # sharp logits: no near-ties for greedy to break
+    got = decode_rows(model, [list(range(8))], temperature=0, window_shift=1)
+    for i, prompt in enumerate(PROMPTS):
+        idx = torch.tensor([prompt[-16:]])
+        assert got[i] == generate(model, idx, 30, temperature=0, use_cache=False)[0, idx.size(1):].tolist(), i
+
+
+def test_rows_join_and_leave():
+    rows = Rows(tiny(), max_rows=2)
+    a, b = rows.add([1, 2]), rows.add([3])
+    assert rows.free == 0 and set(rows.step()) == {a, b}
+    with pytest.raises(ValueError, match='all 2 rows are taken'):
+        rows.add([4])
+    rows.remove(a)
+    assert rows.free == 1 and set(rows.step()) == {b}
+    with pytest.raises(ValueError, match='temperature'):
+        rows.add([4], temperature=-1)
