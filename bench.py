@@ -16,7 +16,7 @@ from generate import generate, use_fast_linears
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here
-parts = 'train,sample,prepare'  # which measurements to run: memory, train, sample, prepare
+parts = 'train,sample,prepare'  # which measurements to run: memory, train, sample, prepare, serve
 batch_size = 8  # training micro-batch (sequences of block_size tokens)
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
@@ -28,6 +28,10 @@ sample_block_size = 512  # the sampling model's context (the window never slides
 sample_batches = '1,8'  # sampling batch sizes
 sample_repeats = 3  # timed generate() calls per setting, after one untimed; the median is reported
 text_file = '../shared/data/tinystories/train-sample.txt'  # text for the tokenizer benchmark
+serve_models = 'out-cpu,config'  # serve.py under load: checkpoint folders, 'config' for random weights of config_file's shape
+serve_clients = '1,4,8,16'  # concurrent streaming clients, one request each
+serve_tokens = 128  # max_tokens of each request
+serve_batch = 8  # serve.py's max_batch
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -166,6 +170,75 @@ if 'prepare' in parts:
     rows.append(('prepare', 'datasets.map, one example at a time', f"{len(docs)} docs", f"{n_tokens / seed_dt:,.0f}", 'the seed'))
     rows.append(('prepare', 'prepare.tokenize_batch', f"{len(docs)} docs", f"{n_tokens / fast_dt:,.0f}",
                  f"{seed_dt / fast_dt:.1f}x the seed"))
+
+if 'serve' in parts:  # serve.py in a process of its own, its clients here, all on 127.0.0.1
+    import json
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+    import urllib.request
+
+    def stream_one(url, results):
+        """One streaming completion: (start, first text, end, tokens) go to results."""
+        body = json.dumps({'prompt': 'Once upon a time', 'max_tokens': serve_tokens, 'stream': True,
+                           'stream_options': {'include_usage': True}}).encode()
+        request = urllib.request.Request(url + '/v1/completions', body, {'Content-Type': 'application/json'})
+        t0, first, tokens = time.perf_counter(), None, 0
+        with urllib.request.urlopen(request, timeout=600) as response:
+            for line in response:
+                if not line.startswith(b'data: {'):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get('usage'):
+                    tokens = chunk['usage']['completion_tokens']
+                elif first is None and chunk['choices'][0]['text']:
+                    first = time.perf_counter()
+        results.append((t0, first or time.perf_counter(), time.perf_counter(), tokens))
+
+    def serve_load(out_dir, label):
+        with socket.socket() as s:  # a free port
+            s.bind(('127.0.0.1', 0))
+            port = s.getsockname()[1]
+        server = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}', f'--device={device}',
+                                   f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}'],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url, one = f'http://127.0.0.1:{port}', None
+        try:
+            for _ in range(600):  # loading the model: up to a minute
+                try:
+                    urllib.request.urlopen(url + '/health', timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            for n in (int(c) for c in serve_clients.split(',')):
+                results = []
+                clients = [threading.Thread(target=stream_one, args=(url, results)) for _ in range(n)]
+                for c in clients:
+                    c.start()
+                for c in clients:
+                    c.join()
+                speed = sum(r[3] for r in results) / (max(r[2] for r in results) - min(r[0] for r in results))
+                one = one or speed
+                ttft = sorted(r[1] - r[0] for r in results)
+                per_token = statistics.median((r[2] - r[1]) / max(1, r[3] - 1) for r in results)
+                rows.append(('serve', f"{label}, {n} streaming client{'s' * (n > 1)}", f"max_batch {serve_batch}",
+                             f"{speed:,.0f}", f"{speed / one:.1f}x one client; time to first token p50 "
+                             f"{ttft[len(ttft) // 2] * 1e3:,.0f} ms, p95 {ttft[int(0.95 * (n - 1))] * 1e3:,.0f} ms; "
+                             f"{per_token * 1e3:.1f} ms/token"))
+        finally:
+            server.terminate()
+            server.wait(60)
+
+    for name in serve_models.split(','):
+        if name != 'config':
+            serve_load(name, f"{name}/best.pt")
+            continue
+        with tempfile.TemporaryDirectory() as folder:  # random weights: the speed is the same
+            args = dict(model_args, vocab_size=50257)
+            torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, os.path.join(folder, 'best.pt'))
+            serve_load(folder, f"{config_file}'s shape")
 
 name = torch.cuda.get_device_name() if device_type == 'cuda' else f"{device}, {torch.get_num_threads()} threads"
 print(f"torch {torch.__version__}, {name}, model {model_args}")

@@ -1,0 +1,266 @@
+"""serve.py as a user runs it: a subprocess serving a tiny untrained model, asked by OpenAI's own
+Python client and by plain HTTP (http.client, to see raw status lines, headers and bodies)."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import torch
+
+from conftest import ROOT, needs_tokenizer
+from model import GPT, GPTConfig
+from test_sample import chain, enc  # noqa: F401 (fixtures: a model that writes ' one two three' and <|endoftext|>)
+
+pytestmark = needs_tokenizer
+MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)
+SECONDS = 30  # the most any one wait here takes: starting a server, a request, a row freed
+LONG = 100_000  # tokens: a request that takes minutes, to hold a row while a test looks
+
+
+def start_server(out_dir, *options):
+    """Start serve.py on a free port, logging to out_dir/serve-PORT.log; return its process and port
+    once /health answers."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    with open(out_dir / f'serve-{port}.log', 'w') as log:
+        command = [sys.executable, os.path.join(ROOT, 'serve.py'), f'--out_dir={out_dir}', f'--port={port}',
+                   '--dtype=float32', '--device=cpu', *options]
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
+    deadline = time.time() + SECONDS
+    while True:
+        try:
+            if get(port, '/health')[0] == 200:
+                return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"serve.py did not start:\n{(out_dir / f'serve-{port}.log').read_text()}")
+        time.sleep(0.2)
+
+
+def stop_server(proc):
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C
+    try:
+        proc.wait(timeout=SECONDS)
+    finally:
+        proc.kill()
+
+
+def request(port, method, path, body=None):
+    """(status, headers, the body parsed as JSON or as text)."""
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=SECONDS)
+    try:
+        if body is not None and not isinstance(body, str):
+            body = json.dumps(body)
+        conn.request(method, path, body, {'Content-Type': 'application/json'} if body is not None else {})
+        r = conn.getresponse()
+        text = r.read().decode()
+        return r.status, r.headers, json.loads(text) if 'json' in r.headers.get('content-type', '') else text
+    finally:
+        conn.close()
+
+
+def get(port, path):
+    return request(port, 'GET', path)
+
+
+def open_stream(port, **body):
+    """A streamed completion's connection and response, its headers read; the caller reads on, and
+    closes the connection (which hangs up)."""
+    conn = http.client.HTTPConnection('127.0.0.1', port, timeout=SECONDS)
+    conn.request('POST', '/v1/completions', json.dumps({**body, 'stream': True}), {'Content-Type': 'application/json'})
+    return conn, conn.getresponse()
+
+
+def wait_for_health(port, **expected):
+    deadline = time.time() + SECONDS
+    while (health := get(port, '/health')[2]) != {'status': 'ok', **expected}:
+        assert time.time() < deadline, f"/health still says {health}, not {expected}"
+        time.sleep(0.05)
+
+
+def client(port):
+    return openai.OpenAI(base_url=f'http://127.0.0.1:{port}/v1', api_key='none', timeout=SECONDS, max_retries=0)
+
+
+@pytest.fixture(scope='module')
+def random_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp('random')
+    torch.manual_seed(0)
+    torch.save({'model': GPT(GPTConfig(**MODEL_ARGS)).state_dict(), 'model_args': MODEL_ARGS,
+                'config': {'data_dir': 'nowhere'}}, out / 'best.pt')
+    return out
+
+
+@pytest.fixture(scope='module')
+def server(random_dir):
+    proc, port = start_server(random_dir, f'--max_tokens_limit={LONG}')
+    try:
+        yield port
+    finally:
+        stop_server(proc)
+
+
+def test_page_health_and_models(server, random_dir):
+    status, headers, page = get(server, '/')
+    assert status == 200 and headers['content-type'].startswith('text/html')
+    with open(os.path.join(ROOT, 'serve.html'), 'rb') as f:
+        assert page == f.read().decode()
+    assert get(server, '/health')[2] == {'status': 'ok', 'active': 0, 'waiting': 0}
+    assert [m.id for m in client(server).models.list()] == [random_dir.name]
+
+
+def test_completion(server, random_dir, enc):
+    from generate import generate
+    prompt = 'Once upon a time'
+    out = client(server).completions.create(model=random_dir.name, prompt=prompt, max_tokens=12, temperature=0)
+    ids = [enc.eot_token] + enc.encode(prompt)
+    assert out.object == 'text_completion' and out.id.startswith('cmpl-') and out.model == random_dir.name
+    assert out.choices[0].finish_reason == 'length'
+    usage = out.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (len(ids), 12, len(ids) + 12)
+    model = GPT(GPTConfig(**MODEL_ARGS))
+    model.load_state_dict(torch.load(random_dir / 'best.pt')['model'])
+    expected = generate(model.eval(), torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
+    assert out.choices[0].text == enc.decode(expected)  # the prompt is read as sample.py reads it
+    nulls = dict.fromkeys(['max_tokens', 'temperature', 'top_p', 'top_k', 'stop', 'seed', 'stream', 'n'])
+    status, _, out = request(server, 'POST', '/v1/completions', {'prompt': prompt, **nulls})  # null: OpenAI's defaults
+    assert status == 200 and out['usage']['completion_tokens'] == 16 and out['choices'][0]['finish_reason'] == 'length'
+
+
+def test_stream(server):
+    options = dict(model='m', prompt=['Once upon a time'], max_tokens=20, temperature=0.8, seed=5)
+    plain = client(server).completions.create(**options).choices[0].text
+    chunks = list(client(server).completions.create(**options, stream=True))
+    assert ''.join(c.choices[0].text for c in chunks) == plain
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ['length']
+    conn, r = open_stream(server, prompt='Once', max_tokens=3)  # the wire format itself
+    events = r.read().decode().split('\n\n')
+    conn.close()
+    assert r.headers['content-type'].startswith('text/event-stream')
+    assert events[-2:] == ['data: [DONE]', ''] and all(e.startswith('data: {') for e in events[:-2])
+    # OpenAI's stream_options: a last chunk with the usage and no choices
+    *chunks, last = client(server).completions.create(**options, stream=True, stream_options={'include_usage': True})
+    assert ''.join(c.choices[0].text for c in chunks) == plain and not last.choices
+    assert last.usage.completion_tokens == 20 and last.usage.prompt_tokens == 5  # <|endoftext|> and 4 tokens
+
+
+# top_k is this server's, not OpenAI's: the client sends it as an extra field
+@pytest.mark.parametrize('options', [dict(temperature=0), dict(temperature=1.0, top_p=0.9, extra_body={'top_k': 50})])
+def test_together_as_alone(server, options):
+    """Rows decoded together give each one the tokens it gets alone, past block_size (40 tokens > 32)."""
+    prompts = ['Once', 'Once upon a time there was a', 'The cat', '', 'A dog ran', 'She said "hi"', 'Tim', 'Sun']
+
+    def complete(i):
+        out = client(server).completions.create(model='m', prompt=prompts[i], max_tokens=40, seed=i, **options)
+        return out.choices[0].text
+    alone = [complete(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(complete, range(8))) == alone
+    if options['temperature']:
+        assert len(set(alone)) == 8 and complete(0) == alone[0]
+
+
+def test_stop_strings(server):
+    options = dict(model='m', prompt='Once upon a time', max_tokens=30, temperature=0)
+    text = client(server).completions.create(**options).choices[0].text
+    stop = text[10:13]
+    for stream in (False, True):
+        out = client(server).completions.create(**options, stop=[stop, 'never written'], stream=stream)
+        chunks = list(out) if stream else [out]
+        assert ''.join(c.choices[0].text for c in chunks) == text[:text.index(stop)]
+        assert chunks[-1].choices[0].finish_reason == 'stop'
+
+
+def test_end_of_text(chain):  # noqa: F811 (chain is a fixture)
+    """<|endoftext|> ends a completion with finish_reason stop; a stop string that spans tokens is found."""
+    proc, port = start_server(chain)
+    try:
+        out = client(port).completions.create(model='m', prompt='Once', max_tokens=10)
+        assert (out.choices[0].text, out.choices[0].finish_reason) == (' one two three', 'stop')
+        assert out.usage.completion_tokens == 4  # <|endoftext|> too
+        chunks = list(client(port).completions.create(model='m', prompt='Once', max_tokens=10, stop='e t', stream=True))
+        assert ''.join(c.choices[0].text for c in chunks) == ' on' and chunks[-1].choices[0].finish_reason == 'stop'
+    finally:
+        stop_server(proc)
+
+
+BAD = [
+    ('{"prompt": "Once",', None, 'not valid JSON'),
+    ('[1, 2]', None, 'JSON object'),
+    ({'prompt': 'Once', 'max_tokens': 0}, 'max_tokens', 'greater than or equal to 1'),
+    ({'prompt': 'Once', 'max_tokens': LONG + 1}, 'max_tokens', f'less than or equal to {LONG}'),
+    ({'prompt': 'Once', 'max_tokens': '16'}, 'max_tokens', 'valid integer'),
+    ({'prompt': 'Once', 'temperature': -0.5}, 'temperature', 'greater than or equal to 0'),
+    ({'prompt': 'Once', 'top_p': 0}, 'top_p', 'greater than 0'),
+    ({'prompt': 'Once', 'top_p': 1.5}, 'top_p', 'less than or equal to 1'),
+    ({'prompt': 'Once', 'top_k': 0}, 'top_k', 'greater than or equal to 1'),
+    ({'prompt': 'Once', 'n': 2}, 'n', 'only 1'),
+    ({'prompt': 'a' * 100_000}, 'prompt', '100000 characters'),
+    ({'prompt': ['Once', 'Twice']}, 'prompt', 'one string'),
+    ({'prompt': [464, 3797]}, 'prompt', 'one string'),
+    ({'prompt': 'Once', 'stop': ['a', 'b', 'c', 'd', 'e']}, 'stop', 'up to 4'),
+    ({'prompt': 'Once', 'seed': 2 ** 64}, 'seed', 'less than'),
+    ({'prompt': 'Once', 'stream': 'yes'}, 'stream', 'valid boolean'),
+]
+
+
+@pytest.mark.parametrize('body, param, words', BAD)
+def test_bad_input(server, body, param, words):
+    status, _, out = request(server, 'POST', '/v1/completions', body)
+    assert status == 400 and set(out) == {'error'}, out
+    assert out['error']['type'] == 'invalid_request_error' and out['error']['param'] == param
+    assert words in out['error']['message'] and out['error']['code'] is None
+
+
+def test_bad_input_reaches_the_client(server):
+    with pytest.raises(openai.BadRequestError, match='max_tokens'):
+        client(server).completions.create(model='m', prompt='Once', max_tokens=0)
+    assert get(server, '/health')[2] == {'status': 'ok', 'active': 0, 'waiting': 0}
+    assert client(server).completions.create(model='m', prompt='Once', max_tokens=2).usage.completion_tokens == 2
+
+
+def test_disconnect_frees_the_row(server):
+    conn, r = open_stream(server, prompt='Once', max_tokens=LONG)
+    for _ in range(3):
+        assert r.readline().startswith(b'data: {') and r.readline() == b'\n'
+    assert get(server, '/health')[2]['active'] == 1
+    conn.close()
+    wait_for_health(server, active=0, waiting=0)
+
+
+def test_queue_limit(random_dir):
+    """max_batch=1, max_queue=1: one request decodes, one waits, the next is turned away with 429 and
+    Retry-After; a waiting client that hangs up leaves the queue. Ctrl-C lets a story in flight end."""
+    proc, port = start_server(random_dir, '--max_batch=1', '--max_queue=1', f'--max_tokens_limit={LONG}')
+    try:
+        first, r = open_stream(port, prompt='Once', max_tokens=LONG)
+        assert r.readline().startswith(b'data: {')
+        second, _ = open_stream(port, prompt='Once', max_tokens=LONG)
+        wait_for_health(port, active=1, waiting=1)
+        status, headers, out = request(port, 'POST', '/v1/completions', {'prompt': 'Once'})
+        assert status == 429 and int(headers['Retry-After']) >= 1
+        assert out['error']['type'] == 'rate_limit_error' and 'busy' in out['error']['message']
+        second.close()
+        wait_for_health(port, active=1, waiting=0)
+        first.close()
+        wait_for_health(port, active=0, waiting=0)
+        assert client(port).completions.create(model='m', prompt='Once', max_tokens=2).usage.completion_tokens == 2
+        last, r = open_stream(port, prompt='Once', max_tokens=200)
+        assert r.readline().startswith(b'data: {')
+        proc.send_signal(signal.SIGINT)
+        assert r.read().endswith(b'data: [DONE]\n\n')
+        last.close()
+        assert proc.wait(timeout=SECONDS) == 0
+        assert 'Traceback' not in (random_dir / f'serve-{port}.log').read_text()
+    finally:
+        proc.kill()
