@@ -367,7 +367,8 @@ def test_bad_data_and_setup_are_one_line_errors(problem, hint, tmp_path):
 
 @pytest.mark.parametrize('name', ['cpu', 'nano', 'small', 'medium', 'large'])
 def test_config_files_set_only_train_settings(name, tmp_path):
-    run = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', f'--data_dir={tmp_path}'],
+    # its own out_dir: the config's (out-cpu/) may hold a user's trained model, which train.py would refuse to replace
+    run = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}/out'],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert_error(run, 'run prepare.py first')  # it took every setting; only the data is missing
 
