@@ -124,7 +124,7 @@ def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
 
 
 @pytest.mark.parametrize('options', [{}, dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)])
-def test_compiled_step_decodes_as_full_recompute_and_follows_a_weight_change(options):
+def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(options):
     # fp32 greedy through torch.compile's step equals nanoGPT's re-reading of the window, past a
     # slide of the window too (block_size 16); then a weight changed in place (the frozen copy
     # would be stale) is followed
