@@ -4,8 +4,8 @@ costs one position's pass), sampling, a decoding step compiled by torch.compile,
 weight layouts that let a decoding step read its weights near memory speed.
   from generate import generate
   out = generate(model, idx, 100, temperature=0.8, top_k=200)  # idx (B, T) -> (B, T + up to 100)
-The network knows only that a cache may take over its attention (KVCache.positions and attend); the
-cache holds rows that sit at one position, and the same two methods could serve rows at their own.
+The network knows only that a cache may take over its attention (positions and attend): KVCache
+holds rows at one position, RowCache rows at their own, for Rows (requests decoded together: serve.py).
 """
 import functools
 import math
