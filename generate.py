@@ -233,7 +233,7 @@ class Rows:
     def __init__(self, model, max_rows=8, window_shift=None):
         self.model = use_fast_linears(model)
         self.block_size = model.config.block_size
-        self.window_shift = window_shift or max(1, self.block_size // 4)
+        self.window_shift = max(1, self.block_size // 4) if window_shift is None else window_shift  # as sample.py
         check_options(window_shift=self.window_shift, block_size=self.block_size)
         weight = model.lm_head.weight
         self.device = weight.device

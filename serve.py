@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from common import checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
-from generate import Rows
+from generate import Rows, check_options
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -48,8 +48,10 @@ if not 1 <= port <= 65535:
 for name, least in (('max_batch', 1), ('max_tokens_limit', 1), ('max_queue', 0), ('max_prompt_chars', 0)):
     if globals()[name] < least:
         die(f"{name} must be at least {least}, got {globals()[name]}")
-if window_shift is not None and window_shift < 1:  # Rows would take 0 for None
-    die(f"window_shift must be at least 1, or None for block_size // 4, got {window_shift}")
+try:  # before the slow part, loading the model; Rows checks it against block_size
+    check_options(window_shift=1 if window_shift is None else window_shift)
+except ValueError as e:
+    die(str(e))
 device = get_device(device)
 dtype = get_dtype(dtype, device.split(':')[0])
 keep_freed_memory(device.split(':')[0])
