@@ -21,7 +21,7 @@ batch_size = 8  # training micro-batch (sequences of block_size tokens)
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
 dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure
-compile: bool | None = None  # also time torch.compile (training, and sampling's decoding step): True, False, or None (on CUDA only; slow to start on a CPU)
+compile: bool | None = None  # also time torch.compile (training, sampling's and serve.py's decoding steps): True, False, or None (on CUDA only; slow to start on a CPU)
 new_tokens = 256  # tokens sampled per row
 prompt_tokens = 16  # random prompt tokens per row before them
 sample_block_size = 512  # the sampling model's context (the window never slides: prompt + new tokens fit)
@@ -172,6 +172,7 @@ if 'prepare' in parts:
                  f"{seed_dt / fast_dt:.1f}x the seed"))
 
 if 'serve' in parts:  # serve.py in a process of its own, its clients here, all on 127.0.0.1
+    import itertools
     import json
     import socket
     import subprocess
@@ -197,16 +198,17 @@ if 'serve' in parts:  # serve.py in a process of its own, its clients here, all 
                     first = time.perf_counter()
         results.append((t0, first or time.perf_counter(), time.perf_counter(), tokens))
 
-    def serve_load(out_dir, label):
+    def serve_load(out_dir, label, use_compile):
         with socket.socket() as s:  # a free port
             s.bind(('127.0.0.1', 0))
             port = s.getsockname()[1]
         server = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}', f'--device={device}',
-                                   f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}'],
+                                   f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}',
+                                   f'--compile={use_compile}'],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url, one = f'http://127.0.0.1:{port}', None
         try:
-            for _ in range(600):  # loading the model: up to a minute
+            for _ in range(3000):  # loading the model, and compiling its step: up to 5 minutes
                 try:
                     urllib.request.urlopen(url + '/health', timeout=1).close()
                     break
@@ -223,7 +225,8 @@ if 'serve' in parts:  # serve.py in a process of its own, its clients here, all 
                 one = one or speed
                 ttft = sorted(r[1] - r[0] for r in results)
                 per_token = statistics.median((r[2] - r[1]) / max(1, r[3] - 1) for r in results)
-                rows.append(('serve', f"{label}, {n} streaming client{'s' * (n > 1)}", f"max_batch {serve_batch}",
+                rows.append(('serve', f"{label}{', compiled' * use_compile}, {n} streaming client{'s' * (n > 1)}",
+                             f"max_batch {serve_batch}",
                              f"{speed:,.0f}", f"{speed / one:.1f}x one client; time to first token p50 "
                              f"{ttft[len(ttft) // 2] * 1e3:,.0f} ms, p95 {ttft[int(0.95 * (n - 1))] * 1e3:,.0f} ms; "
                              f"{per_token * 1e3:.1f} ms/token"))
@@ -231,14 +234,14 @@ if 'serve' in parts:  # serve.py in a process of its own, its clients here, all 
             server.terminate()
             server.wait(60)
 
-    for name in serve_models.split(','):
+    for name, use_compile in itertools.product(serve_models.split(','), [False, True] if compile or (compile is None and device_type == 'cuda') else [False]):
         if name != 'config':
-            serve_load(name, f"{name}/best.pt")
+            serve_load(name, f"{name}/best.pt", use_compile)
             continue
         with tempfile.TemporaryDirectory() as folder:  # random weights: the speed is the same
             args = dict(model_args, vocab_size=50257)
             torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, os.path.join(folder, 'best.pt'))
-            serve_load(folder, f"{config_file}'s shape")
+            serve_load(folder, f"{config_file}'s shape", use_compile)
 
 name = torch.cuda.get_device_name() if device_type == 'cuda' else f"{device}, {torch.get_num_threads()} threads"
 print(f"torch {torch.__version__}, {name}, model {model_args}")

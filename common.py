@@ -61,6 +61,18 @@ def keep_freed_memory(device_type):
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
+def check_compiler(device_type):
+    """torch.compile on the CPU builds its kernels with a C++ compiler: say so before the slow start."""
+    if device_type == 'cpu':
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
+            die("--compile=True on the CPU needs a C++ compiler (torch.compile builds its kernels with one): "
+                "install g++ or clang, or leave compile off")
+
+
 def autocast(device_type, dtype):
     """Mixed precision context for forward passes; a no-op for float32."""
     import torch

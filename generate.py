@@ -228,10 +228,13 @@ class Rows:
     each sits at its own position, with its own sampling settings and random generator, and slides
     its own window past block_size; a row joins (add) or leaves (remove) between steps. A step always
     decodes max_rows rows, free ones as padding, and a prompt is read alone: a row's tokens do not
-    depend on the others (in float32, the same alone as in a full batch). Not thread-safe."""
+    depend on the others (in float32, the same alone as in a full batch). compile=True runs the step
+    through torch.compile. Not thread-safe."""
 
-    def __init__(self, model, max_rows=8, window_shift=None):
+    def __init__(self, model, max_rows=8, window_shift=None, compile=False):
         self.model = use_fast_linears(model)
+        # the step's shapes never change (max_rows rows, a full-length cache): one graph, compiled on the first step
+        self.logits = torch.compile(self.eager_logits, fullgraph=True) if compile else self.eager_logits
         self.block_size = model.config.block_size
         self.window_shift = max(1, self.block_size // 4) if window_shift is None else window_shift  # as sample.py
         check_options(window_shift=self.window_shift, block_size=self.block_size)
@@ -270,12 +273,14 @@ class Rows:
             self.model.hidden_states(torch.tensor([ids[:-1]], device=self.device), cache)
         self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
 
+    def eager_logits(self, next, pos):
+        x = self.model.hidden_states(next[:, None], RowCache(self.layers, pos))
+        return self.model.lm_head(x[:, -1, :]).float()
+
     @torch.no_grad()
     def step(self):
         """One decoding step of every row: {slot: its next token}."""
-        cache = RowCache(self.layers, torch.tensor(self.pos, device=self.device))
-        x = self.model.hidden_states(torch.tensor(self.next, device=self.device)[:, None], cache)
-        logits = self.model.lm_head(x[:, -1, :]).float()
+        logits = self.logits(torch.tensor(self.next, device=self.device), torch.tensor(self.pos, device=self.device))
         picks = {slot: sample_logits(logits[slot:slot + 1], row.temperature, row.top_k, row.top_p, row.generator)
                  for slot, row in enumerate(self.rows) if row is not None}
         tokens = dict(zip(picks, torch.cat(list(picks.values())).flatten().tolist())) if picks else {}

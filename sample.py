@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from common import checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
+from common import check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
 from generate import check_options, generate, stream
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
@@ -74,14 +74,8 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
     device_type = device.split(':')[0]
     dtype = get_dtype(dtype, device_type)
     keep_freed_memory(device_type)  # as train.py does
-    if compile and device == 'cpu':
-        from torch._inductor.cpp_builder import get_cpp_compiler
-        from torch._inductor.exc import InvalidCxxCompiler
-        try:
-            get_cpp_compiler()
-        except InvalidCxxCompiler:
-            die("--compile=True on the CPU needs a C++ compiler (torch.compile builds its kernels with one): "
-                "install g++ or clang, or leave compile off")
+    if compile:
+        check_compiler(device_type)
 
     path = checkpoint_path(out_dir, ckpt)
     model, checkpoint = load_model(path, device)

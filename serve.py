@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from common import checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
+from common import check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
 from generate import Rows, check_options
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
@@ -39,6 +39,7 @@ max_tokens_limit = 1024  # the most max_tokens a request may ask for
 max_queue = 32  # requests that may wait for a free row; more get 429 Too Many Requests
 max_prompt_chars = 20000  # longer prompts get 400 (the model sees only the last block_size tokens anyway)
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
+compile = False  # torch.compile the batched decoding step: slower to start (tens of seconds on a CPU), then faster steps
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 if not ckpt:
@@ -55,6 +56,8 @@ except ValueError as e:
 device = get_device(device)
 dtype = get_dtype(dtype, device.split(':')[0])
 keep_freed_memory(device.split(':')[0])
+if compile:
+    check_compiler(device.split(':')[0])
 
 path = checkpoint_path(out_dir, ckpt)
 model, checkpoint = load_model(path, device)
@@ -64,9 +67,13 @@ if model.config.vocab_size < enc.n_vocab:
 if dtype != 'float32':
     model.to(getattr(torch, dtype))  # as sample.py, which says why
 try:
-    rows = Rows(model, max_rows=max_batch, window_shift=window_shift)  # None: block_size // 4, as sample.py
+    rows = Rows(model, max_rows=max_batch, window_shift=window_shift, compile=compile)  # None: block_size // 4
 except ValueError as e:
     die(str(e))
+if compile:  # before the first request, which would otherwise wait for it
+    t0 = time.time()
+    rows.step()
+    log(f"compiled the decoding step in {time.time() - t0:.0f} s")
 # the model's id in the API: the out_dir's name (out-cpu), or the checkpoint file's
 model_name = os.path.basename(os.path.abspath(out_dir) if ckpt in ('best', 'last') else os.path.splitext(path)[0])
 created = int(os.path.getmtime(path))

@@ -259,7 +259,8 @@ PROMPTS = [[1, 2, 3], [5], list(range(10, 30)), [7, 8], [40] * 15, [3, 1], [90, 
 
 def decode_rows(model, which, steps=30, **options):
     """Each prompt of PROMPTS named in which (a list of lists: the groups that join together, one after another), its tokens."""
-    rows, out = Rows(model, max_rows=8, window_shift=options.pop('window_shift', 4)), {}
+    rows = Rows(model, max_rows=8, window_shift=options.pop('window_shift', 4), compile=options.pop('compile', False))
+    out = {}
     for group in which:
         slots = {rows.add(PROMPTS[i], seed=i, **options): i for i in group}
         out.update({i: [] for i in group})
@@ -290,6 +291,16 @@ def test_rows_decode_as_full_recompute_with_window_shift_1():
     for i, prompt in enumerate(PROMPTS):
         idx = torch.tensor([prompt[-16:]])
         assert got[i] == generate(model, idx, 30, temperature=0, use_cache=False)[0, idx.size(1):].tolist(), i
+
+
+def test_compiled_rows_decode_as_eager_alone_or_among_eight():
+    # one graph for every step (the shapes never change); greedy, with sharp logits: no near-ties
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    eager = decode_rows(model, [list(range(8))], temperature=0)
+    assert decode_rows(model, [[i] for i in range(8)], temperature=0, compile=True) == eager
+    assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], temperature=0, compile=True) == eager
 
 
 def test_rows_join_and_leave():

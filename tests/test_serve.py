@@ -24,9 +24,9 @@ SECONDS = 30  # the most any one wait here takes: starting a server, a request, 
 LONG = 100_000  # tokens: a request that takes minutes, to hold a row while a test looks
 
 
-def start_server(out_dir, *options):
+def start_server(out_dir, *options, wait=SECONDS):
     """Start serve.py on a free port, logging to out_dir/serve-PORT.log; return its process and port
-    once /health answers."""
+    once /health answers (within wait seconds)."""
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
@@ -34,7 +34,7 @@ def start_server(out_dir, *options):
         command = [sys.executable, os.path.join(ROOT, 'serve.py'), f'--out_dir={out_dir}', f'--port={port}',
                    '--dtype=float32', '--device=cpu', *options]
         proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
-    deadline = time.time() + SECONDS
+    deadline = time.time() + wait
     while True:
         try:
             if get(port, '/health')[0] == 200:
@@ -192,6 +192,19 @@ def test_end_of_text(chain):  # noqa: F811 (chain is a fixture)
         assert ''.join(c.choices[0].text for c in chunks) == ' on' and chunks[-1].choices[0].finish_reason == 'stop'
     finally:
         stop_server(proc)
+
+
+def test_compiled_server_writes_as_eager(server, random_dir):
+    options = dict(model='m', prompt='Once upon a time', max_tokens=40, temperature=0)
+    eager = client(server).completions.create(**options).choices[0].text
+    proc, port = start_server(random_dir, '--compile=True', wait=180)  # it compiles before it listens
+    try:
+        assert client(port).completions.create(**options).choices[0].text == eager
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(lambda _: client(port).completions.create(**options).choices[0].text, range(3))) == [eager] * 3
+    finally:
+        stop_server(proc)
+    assert 'compiled the decoding step' in (random_dir / f'serve-{port}.log').read_text()
 
 
 BAD = [
