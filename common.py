@@ -118,6 +118,46 @@ def remove_stale_temps(folder):
     return removed
 
 
+def lock_folder(folder, fix):
+    """Make this process the one run writing to folder, until it exits: an exclusive lock on
+    .NAME.lock beside the folder, holding the holder's pid and command. The kernel drops a lock
+    whose process dies, so a killed run's lock is taken over; a run that finds it held dies with one
+    line naming the holder and `fix`. (fcntl's locks are POSIX's; elsewhere nothing is locked.)"""
+    if os.name != 'posix':
+        return
+    import atexit
+    import fcntl
+    folder = os.path.abspath(folder)
+    path = os.path.join(os.path.dirname(folder), f'.{os.path.basename(folder)}.lock')
+    while True:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            die(f"cannot create the lock file {path}: {e.strerror}")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 300).decode(errors='replace').strip() or 'another run'
+            os.close(fd)
+            die(f"{folder} is in use by {holder}: wait for it to end, or {fix}")
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # its holder removed the file between our open and lock: lock the new one
+
+    def unlock():
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        os.close(fd)
+    atexit.register(unlock)
+    with contextlib.suppress(OSError):  # a full disk: the lock holds all the same, unnamed
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))})"[:300].encode())
+
+
 def load_checkpoint(path, device='cpu'):
     """Load a checkpoint written by train.py, safely (weights only), with readable errors."""
     import torch
