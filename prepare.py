@@ -7,8 +7,9 @@ tokenizer (--tokenizer=bpe:N) also its tokenizer.json.
         --val_source=../shared/data/tinystories/valid-sample.txt --data_dir=data/sample
 A source is a hub dataset id, or local files: a file, a directory or a glob of .txt (TinyStories'
 format: documents separated by <|endoftext|> lines; a file without them is one document),
-.jsonl/.json or .parquet (text in text_field). Both kinds load through `datasets`. A re-run with
-the same sources and options finds them in meta.json and does nothing; --force=True redoes it.
+.jsonl/.json or .parquet (text in text_field; records without text are skipped, and counted). Both
+kinds load through `datasets`. A re-run with the same sources and options finds them in meta.json and
+does nothing; --force=True redoes it. One run at a time writes to a data_dir.
 """
 import glob
 import hashlib
@@ -22,10 +23,12 @@ from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 
 import datasets
+import huggingface_hub
 import numpy as np
+import pyarrow.compute as pc
 from tqdm import tqdm
 
-from common import atomic_output, die, remove_stale_temps
+from common import atomic_output, die, lock_folder, log, remove_stale_temps
 from tokenizer import GPT2, get_tokenizer, meta_fields, parse_name, train_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -42,6 +45,7 @@ num_threads = 0  # tokenizer threads (>= 0; 0 = one per CPU core)
 force = False  # redo the work even when data_dir already holds it
 # -----------------------------------------------------------------------------
 FORMATS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
+PROGRESS_EVERY = 60  # seconds between progress lines when stderr is not a terminal
 
 
 def tokenize_batch(enc, texts, dtype='uint16', num_threads=0):
@@ -134,28 +138,47 @@ def documents(splits, src, *names):
         kind = f"{feature.dtype} values" if isinstance(feature, datasets.Value) else f"{type(feature).__name__} values"
         die(f"{src}: field '{text_field}' holds {kind}, not text: choose the field that holds each document's "
             "text with --text_field=NAME, or store the text as strings")
-    if max_docs:
-        ds = ds.select(range(min(max_docs, len(ds))))
     if len(ds) == 0:
         die(f"no documents in {src}")
+    # a record without text is no document (an empty one would be a lone end-of-text token): skipped, and said
+    length = pc.binary_length(ds.with_format('arrow')[text_field])  # null where the text is missing or null
+    kept = np.flatnonzero(pc.fill_null(pc.greater(length, 0), False).to_numpy())
+    if len(kept) == 0:
+        die(f"{src}: none of its {len(ds):,} records has text in field '{text_field}' (it is missing, null or "
+            "empty): choose the field that holds each document's text with --text_field=NAME")
+    if len(kept) < len(ds):
+        log(f"note: {src}: skipped {len(ds) - len(kept):,} of its {len(ds):,} records, which have no text in field "
+            f"'{text_field}' (it is missing, null or empty)")
+        ds = ds.select(kept)
+    if max_docs:
+        ds = ds.select(range(min(max_docs, len(ds))))
     return ds.select_columns([text_field])
+
+
+def batches(ds, desc):
+    """ds's texts, batch_size at a time, with progress on stderr: tqdm's bar on a terminal; elsewhere (a
+    log file, where the bar's \r updates would pile up on one line) a plain line every PROGRESS_EVERY seconds."""
+    done, last = 0, time.time()
+    with tqdm(total=len(ds), desc=desc, unit='doc', file=sys.stderr, disable=None) as bar:
+        for batch in ds.iter(batch_size):
+            yield batch[text_field]
+            done += len(batch[text_field])
+            bar.update(len(batch[text_field]))
+            if bar.disable and time.time() - last >= PROGRESS_EVERY:
+                last = time.time()
+                log(f"{desc}: {done:,} of {len(ds):,} documents")
 
 
 def write_tokens(ds, path, name, enc, dtype):
     """Tokenize ds a batch at a time into path; memory holds one batch, never the whole stream.
     Returns its token and document counts."""
-    tokens = docs = 0
-    with open(path, 'wb') as f, tqdm(total=len(ds), desc=f'tokenizing {name}', unit='doc', file=sys.stderr) as bar:
-        for batch in ds.iter(batch_size):
-            texts = [t for t in batch[text_field] if t]  # an empty document would be a lone end-of-text token
+    tokens = 0
+    with open(path, 'wb') as f:
+        for texts in batches(ds, f'tokenizing {name}'):
             ids = tokenize_batch(enc, texts, dtype, num_threads)
             ids.tofile(f)
-            tokens, docs = tokens + len(ids), docs + len(texts)
-            bar.update(len(batch[text_field]))
-            bar.set_postfix(tokens=f'{tokens:,}', refresh=False)
-    if docs == 0:
-        die(f"every document for {name} is empty (is --text_field={text_field} the right field?)")
-    return {'tokens': tokens, 'documents': docs}
+            tokens += len(ids)
+    return {'tokens': tokens, 'documents': len(ds)}
 
 
 if __name__ == '__main__':
@@ -176,13 +199,17 @@ if __name__ == '__main__':
     if num_threads < 0:
         die(f"num_threads must be >= 0 (0 is one per CPU core), got {num_threads}")
     bpe_size = parse_name(tokenizer)  # 0 for gpt2
-    remove_stale_temps(data_dir)  # what a killed run left
     files = local_files(source), (local_files(val_source) if val_source else None)
     if not bpe_size:
         get_tokenizer(GPT2)  # fail now if tiktoken cannot load it, not after reading the sources
     options = {k: config[k] for k in ('source', 'val_source', 'val_fraction', 'seed', 'max_docs', 'text_field',
                                       'tokenizer')}
     options['files'] = hashlib.sha1(json.dumps(files).encode()).hexdigest()  # so an edited file is prepared again
+    if not sys.stderr.isatty():  # a log file: datasets' and the hub's bars would pile up \r updates on one line
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+    lock_folder(data_dir, "prepare into another --data_dir")  # two runs would mix their files
+    remove_stale_temps(data_dir)  # what a killed run left
 
     # skip the work when data_dir already holds exactly these tokens
     meta_path, tokenizer_path = os.path.join(data_dir, 'meta.json'), os.path.join(data_dir, 'tokenizer.json')
@@ -228,8 +255,7 @@ if __name__ == '__main__':
         with atomic_output(meta_path) as meta_tmp, (atomic_output(tokenizer_path) if bpe_size else nullcontext()) as \
                 tokenizer_tmp, atomic_output(bins['train']) as train_tmp, atomic_output(bins['validation']) as val_tmp:
             # the train documents only, streamed: validation text must not shape the tokens it is scored in
-            texts = (t for batch in train.iter(batch_size) for t in batch[text_field] if t)
-            state = train_tokenizer(tokenizer, texts, len(train))
+            state = train_tokenizer(tokenizer, (t for texts in batches(train, f'training {tokenizer}') for t in texts))
             if bpe_size:
                 with open(tokenizer_tmp, 'w', encoding='utf-8') as f:
                     f.write(state['json'])

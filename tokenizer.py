@@ -12,8 +12,6 @@ import json
 import os
 import re
 
-from tqdm import tqdm
-
 from common import die, log
 
 EOT = '<|endoftext|>'
@@ -21,6 +19,10 @@ GPT2 = {'name': 'gpt2', 'json': None}  # also the tokenizer of checkpoints and m
 MIN_BPE, MAX_BPE = 257, 65535  # the 256 bytes and <|endoftext|>; ids that fit uint16
 # GPT-2's split into words, the one the ByteLevel pre-tokenizer applies (use_regex=True)
 SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The BPE trainer's time grows with the square of a word's length: 68 s for one word of 400K letters
+# (or digits, or spaces, or '='), hours for 5 MB. So it trains on words cut at MAX_WORD characters,
+# longer than any in prose; encoding needs no cut (tiktoken's time is linear in a word's length)
+MAX_WORD = 256
 
 
 def parse_name(name):
@@ -36,21 +38,24 @@ def token_dtype(vocab_size):
     return 'uint16' if vocab_size <= 2**16 else 'uint32'
 
 
-def train_bpe(texts, vocab_size, length=None):
+def train_bpe(texts, vocab_size):
     """The tokenizer.json text of a byte-level BPE with vocab_size tokens trained on texts (any
-    iterable of str; length is its count, for the progress bar). It streams: memory holds the
-    count of each distinct word, not the text. The same texts give the same bytes. Texts with
-    too few distinct pairs of tokens give fewer tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    iterable of str). It streams: memory holds the count of each distinct word, not the text. The
+    same texts give the same bytes. Texts with too few distinct pairs of tokens give fewer tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     bpe = Tokenizer(models.BPE())
     # no normalizer and no prefix space, so every byte of a text is kept and decodes back exactly
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # to train: byte_level's split into words (SPLIT), with MAX_WORD characters at most in a word
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT.replace('+', f'{{1,{MAX_WORD}}}')), behavior='isolated'),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()  # for Hugging Face tools reading the file; decode() below needs none
     # all 256 bytes are tokens, seen in the texts or not, so any text encodes
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    texts = tqdm(texts, total=length, desc=f'training bpe:{vocab_size}', unit='doc', mininterval=1)
-    bpe.train_from_iterator(texts, trainer, length=length)
+    bpe.train_from_iterator(texts, trainer)
+    bpe.pre_tokenizer = byte_level  # the file's, as in files written before: words whole, as bpe_encoding splits
     bpe.add_special_tokens([EOT])  # the last id, as in GPT-2
     return bpe.to_str()
 
@@ -105,13 +110,13 @@ def token_bytes(enc):
     sizes[enc.eot_token] = 0
     return sizes
 
-def train_tokenizer(name, texts, length=None):
+def train_tokenizer(name, texts):
     """For prepare.py: the state of the tokenizer `name` names, for 'bpe:N' trained on texts (the
-    train documents only, an iterable read once; length is its count, for the progress bar)."""
+    train documents only, an iterable read once)."""
     n = parse_name(name)
     if not n:
         return GPT2
-    text = train_bpe(texts, n, length)
+    text = train_bpe(texts, n)
     trained = f"bpe:{len(json.loads(text)['model']['vocab']) + 1}"
     if trained != name:
         log(f"note: the train documents hold too few distinct pairs of tokens for {name}: trained {trained}")

@@ -1,3 +1,5 @@
+import atexit
+import errno
 import json
 import os
 import re
@@ -30,13 +32,20 @@ def hf_cache(tmp_path, monkeypatch):
 
 
 def run_prepare(monkeypatch, *args):
-    """`python prepare.py ARGS`, in this process (a subprocess would spend seconds importing)."""
-    monkeypatch.setattr(sys, 'argv', [PREPARE, *args])
-    try:
-        runpy.run_path(PREPARE, run_name='__main__')
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise
+    """`python prepare.py ARGS`, in this process (a subprocess would spend seconds importing). What it
+    registers to run at exit (the release of its data_dir's lock) runs when it ends, as when a process exits."""
+    at_exit = []
+    with monkeypatch.context() as m:
+        m.setattr(sys, 'argv', [PREPARE, *args])
+        m.setattr(atexit, 'register', at_exit.append)
+        try:
+            runpy.run_path(PREPARE, run_name='__main__')
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                raise
+        finally:
+            for f in reversed(at_exit):
+                f()
 
 
 def read(data_dir):
@@ -241,14 +250,25 @@ def test_failed_bpe_rerun_keeps_the_old_tokenizer(tmp_path, monkeypatch):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     run_prepare(monkeypatch, f'--source={src}', '--tokenizer=bpe:300', f'--data_dir={tmp_path / "d"}')
     before, counts = snapshot(tmp_path / 'd'), usable(tmp_path / 'd')
-    (tmp_path / 'blank.jsonl').write_text('{"text": ""}\n')
+    full = disk_fills_at(tmp_path, monkeypatch)
     new = write_txt(tmp_path / 'new.txt', STORIES[:5] + ODD)
     for name in ('bpe:280', 'gpt2'):  # fails at validation.bin, after the new tokenizer is trained
-        error(monkeypatch, f'--source={new}', f'--val_source={tmp_path / "blank.jsonl"}', f'--tokenizer={name}',
-              '--force=True', f'--data_dir={tmp_path / "d"}')
+        assert 'No space left' in error(monkeypatch, f'--source={new}', f'--val_source={full}', f'--tokenizer={name}',
+                                        '--force=True', f'--data_dir={tmp_path / "d"}')
         assert snapshot(tmp_path / 'd') == before and usable(tmp_path / 'd') == counts
     meta = common.read_meta(str(tmp_path / 'd'))
     assert tokenizer.data_tokenizer(str(tmp_path / 'd'), meta)['json'] == before['tokenizer.json'].decode()
+
+
+def disk_fills_at(tmp_path, monkeypatch):
+    """A source whose document fills the disk as it is written (tiktoken encodes every tokenizer's)."""
+    encode = tiktoken.Encoding.encode_ordinary
+    def encode_ordinary(self, text):
+        if text == 'The disk fills here.':
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return encode(self, text)
+    monkeypatch.setattr(tiktoken.Encoding, 'encode_ordinary', encode_ordinary)
+    return write_txt(tmp_path / 'full.txt', ['The disk fills here.'])
 
 
 def snapshot(data_dir):
@@ -263,15 +283,14 @@ def usable(data_dir):
 
 @needs_tokenizer
 def test_failed_rerun_keeps_the_old_data(tmp_path, monkeypatch):
-    """--force=True with a source that fails once the train split is written: the old data stays."""
+    """--force=True with a run that fails once the train split is written: the old data stays."""
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')
     before, counts = snapshot(tmp_path / 'd'), usable(tmp_path / 'd')
     assert sorted(before) == ['meta.json', 'train.bin', 'validation.bin']
-    (tmp_path / 'blank.jsonl').write_text('{"text": ""}\n')
     new = write_txt(tmp_path / 'new.txt', STORIES[:5])
-    error(monkeypatch, f'--source={new}', f'--val_source={tmp_path / "blank.jsonl"}', '--force=True',
-          f'--data_dir={tmp_path / "d"}')
+    assert 'No space left' in error(monkeypatch, f'--source={new}', f'--val_source={disk_fills_at(tmp_path, monkeypatch)}',
+                                    '--force=True', f'--data_dir={tmp_path / "d"}')
     assert snapshot(tmp_path / 'd') == before and usable(tmp_path / 'd') == counts
 
 
@@ -341,11 +360,12 @@ def test_bad_inputs_give_one_error_line_and_no_files(tmp_path, monkeypatch):
         f'no documents in {tmp_path / "empty.txt"}': [f'--source={tmp_path / "empty.txt"}'],
         'no documents in': [f'--source={tmp_path / "separators.txt"}'],
         'cannot read': [f'--source={tmp_path / "empty.jsonl"}'],
-        'is empty': [f'--source={tmp_path / "blank.jsonl"}', f'--val_source={good}'],
+        "none of its 2 records has text in field 'text'": [f'--source={tmp_path / "blank.jsonl"}', f'--val_source={good}'],
         "has no field 'text' (it has story)": [f'--source={tmp_path / "stories.jsonl"}'],
         'too few to hold out': [f'--source={good}', '--max_docs=1'],
         'val_fraction': [f'--source={good}', '--val_fraction=1.5'],
-        'cannot write to data_dir': [f'--source={good}', f'--data_dir={tmp_path / "a_file" / "sub"}'],
+        'cannot write to data_dir': [f'--source={good}', f'--data_dir={tmp_path / "a_file"}'],
+        'cannot create the lock file': [f'--source={good}', f'--data_dir={tmp_path / "a_file" / "sub"}'],
     }
     for expected, args in cases.items():
         assert expected in error(monkeypatch, f'--data_dir={out}', *args)
@@ -362,6 +382,69 @@ def test_text_field_that_is_not_text_is_named(tmp_path, monkeypatch, values, kin
                 f'--data_dir={tmp_path / "d"}')
     assert "field 'story' holds" in msg and 'not text' in msg and '--text_field' in msg
     assert not (tmp_path / 'd').exists()
+
+
+@needs_tokenizer
+def test_records_without_text_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    records = [{'text': s} for s in STORIES]
+    records[3], records[8], records[20] = {'id': 3}, {'text': None}, {'text': ''}
+    (tmp_path / 'stories.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+    run_prepare(monkeypatch, f'--source={tmp_path / "stories.jsonl"}', f'--val_source={tmp_path / "stories.jsonl"}',
+                f'--data_dir={tmp_path / "d"}')
+    kept = [s for i, s in enumerate(STORIES) if i not in (3, 8, 20)]
+    meta, tokens = read(tmp_path / 'd')
+    assert decode_docs(tokens['train']) == decode_docs(tokens['validation']) == kept
+    assert meta['train']['documents'] == meta['validation']['documents'] == 37
+    note = f"note: {tmp_path / 'stories.jsonl'}: skipped 3 of its 40 records, which have no text in field 'text'"
+    assert capsys.readouterr().err.count(note) == 2  # once for each split
+
+
+def hold_lock(data_dir):
+    """Another process that holds data_dir's lock, as a running prepare.py does."""
+    holder = subprocess.Popen([sys.executable, '-c', 'import common, sys, time; common.lock_folder(sys.argv[1], "");'
+                               'print("locked", flush=True); time.sleep(60)', str(data_dir)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == 'locked\n'
+    return holder
+
+
+@needs_tokenizer
+def test_a_second_run_into_a_data_dir_in_use_is_refused(tmp_path, monkeypatch):
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    dead = subprocess.Popen([sys.executable, '-c', '']); dead.wait()
+    (tmp_path / 'd').mkdir()
+    (tmp_path / 'd' / f'train.bin.tmp{dead.pid}').write_text('partial')  # the running one's, for all a second run knows
+    holder = hold_lock(tmp_path / 'd')
+    try:
+        r = subprocess.run([sys.executable, 'prepare.py', f'--source={src}', f'--data_dir={tmp_path / "d"}'],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and 'Traceback' not in r.stderr
+        assert r.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'd'} is in use by process {holder.pid} "
+                                                     f"(-c {tmp_path / 'd'}): wait for it to end, or prepare into another --data_dir")
+        assert os.listdir(tmp_path / 'd') == [f'train.bin.tmp{dead.pid}']
+    finally:
+        holder.kill()
+        holder.wait()
+    run_prepare(monkeypatch, f'--source={src}', f'--data_dir={tmp_path / "d"}')  # a killed run's lock is taken over
+    assert sorted(os.listdir(tmp_path / 'd')) == ['meta.json', 'train.bin', 'validation.bin']
+
+
+@needs_tokenizer
+def test_no_progress_bars_off_a_terminal(tmp_path):
+    """Into a log file tqdm's bars (ours, datasets') would write hundreds of \\r updates on one line."""
+    src = write_txt(tmp_path / 'stories.txt', STORIES)
+    r = subprocess.run([sys.executable, 'prepare.py', f'--source={src}', '--tokenizer=bpe:300', f'--data_dir={tmp_path / "d"}'],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, 'HF_DATASETS_CACHE': str(tmp_path / 'hf-cache')})
+    assert r.returncode == 0 and r.stdout.startswith('prepared'), r.stderr
+    assert '\r' not in r.stderr and 'it/s' not in r.stderr and 'doc/s' not in r.stderr
+
+
+def test_plain_progress_lines_off_a_terminal(monkeypatch, capsys):
+    monkeypatch.setattr(prepare, 'PROGRESS_EVERY', 0)
+    monkeypatch.setattr(prepare, 'batch_size', 16)
+    assert sum(prepare.batches(datasets.Dataset.from_dict({'text': STORIES}), 'tokenizing x'), []) == STORIES
+    assert capsys.readouterr().err.splitlines() == [f'tokenizing x: {n} of 40 documents' for n in (16, 32, 40)]
 
 
 @pytest.mark.parametrize('arg', ['--batch_size=0', '--num_threads=-1', '--val_fraction=0', '--val_fraction=1.0',

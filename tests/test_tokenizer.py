@@ -1,9 +1,11 @@
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import TINYSTORIES, needs_shared, needs_tokenizer
+from conftest import ROOT, TINYSTORIES, needs_shared, needs_tokenizer
 import sample
 import tokenizer
 from tokenizer import GPT2, EOT
@@ -29,7 +31,7 @@ def bpe_json():
     if not os.path.isdir(TINYSTORIES):
         pytest.skip(f'{TINYSTORIES} is absent')
     docs = story_docs('train-sample.txt')
-    return {n: tokenizer.train_bpe(docs, n, len(docs)) for n in (512, 4096)}
+    return {n: tokenizer.train_bpe(docs, n) for n in (512, 4096)}
 
 
 def bpe(text):
@@ -104,6 +106,18 @@ def test_training_is_deterministic_and_only_its_texts_count():
     a = tokenizer.train_bpe(docs, 400)
     assert tokenizer.train_bpe(iter(docs), 400) == a  # a stream, as prepare.py gives
     assert tokenizer.train_bpe(docs + ['The zebra quietly zigzagged.'] * 9, 400) != a
+
+
+def test_a_word_of_megabytes_trains_in_seconds_and_round_trips():
+    """One 2 MB run of letters (a line of '=' or of digits is another): the trainer, whose time grows with
+    the square of a word's length, would take hours; it sees the run cut into words of MAX_WORD characters."""
+    code = ("import random, tokenizer; random.seed(0); text = ''.join(random.choices('abcdefghijklmnopqrstuvwxyz', k=2_000_000)); "
+            "enc = tokenizer.get_tokenizer({'name': 'bpe', 'json': tokenizer.train_bpe(['Once upon a time', text], 512)}); "
+            "ids = enc.encode_ordinary(text); assert enc.decode(ids) == text and enc.n_vocab == 512, enc.n_vocab; "
+            "assert len(ids) < len(text) * 0.8, len(ids)")  # merges were learned from the run
+    # in a process of its own, which the timeout can end: training runs in Rust, out of Python's reach
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def prepare(name, texts, data_dir):
