@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from common import atomic_output, die, lock_folder, log, remove_stale_temps
-from tokenizer import GPT2, get_tokenizer, meta_fields, parse_name, train_tokenizer
+from tokenizer import GPT2, get_tokenizer, meta_fields, parse_name, reused_tokenizer, train_tokenizer
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
@@ -38,7 +38,7 @@ val_fraction = 0.05  # share (0..1, exclusive) of the train documents held out (
 seed = 1337  # seed of that split (>= 0)
 max_docs = 0  # keep only the first max_docs documents of each source (0 = all), for quick demos
 text_field = 'text'  # the field holding the text in hub, .jsonl/.json and .parquet sources
-tokenizer = 'gpt2'  # 'gpt2' (tiktoken) or 'bpe:N' (N from 257 to 65535: a byte-level BPE trained on the train documents)
+tokenizer = 'gpt2'  # 'gpt2' (tiktoken), 'bpe:N' (N from 257 to 65535: a byte-level BPE trained on the train documents), or a checkpoint or data_dir whose tokenizer to reuse
 data_dir = 'data/tinystories'  # where train.bin, validation.bin, meta.json (and tokenizer.json) go
 batch_size = 1024  # documents tokenized at a time (>= 1): bounds memory, hardly matters for speed
 num_threads = 0  # tokenizer threads (>= 0; 0 = one per CPU core)
@@ -198,9 +198,12 @@ if __name__ == '__main__':
         die(f"batch_size must be at least 1, got {batch_size}")
     if num_threads < 0:
         die(f"num_threads must be >= 0 (0 is one per CPU core), got {num_threads}")
-    bpe_size = parse_name(tokenizer)  # 0 for gpt2
+    # a checkpoint's or a prepared data_dir's tokenizer: new data in the tokens that model reads
+    named = tokenizer == 'gpt2' or tokenizer.startswith('bpe:')
+    reused = reused_tokenizer(tokenizer) if not named and os.path.exists(tokenizer) else None
+    has_json = reused['json'] is not None if reused else parse_name(tokenizer) > 0  # a BPE's tokenizer.json to write
     files = local_files(source), (local_files(val_source) if val_source else None)
-    if not bpe_size:
+    if not has_json:
         get_tokenizer(GPT2)  # fail now if tiktoken cannot load it, not after reading the sources
     options = {k: config[k] for k in ('source', 'val_source', 'val_fraction', 'seed', 'max_docs', 'text_field',
                                       'tokenizer')}
@@ -220,7 +223,7 @@ if __name__ == '__main__':
                 old = json.load(f)
             done = old['options'] == options and all(
                 os.path.getsize(p) == old[s]['tokens'] * np.dtype(old['dtype']).itemsize for s, p in bins.items()) and (
-                not bpe_size or os.path.isfile(tokenizer_path))
+                not has_json or os.path.isfile(tokenizer_path))
         except (OSError, ValueError, KeyError, TypeError):
             done = False
         if done:
@@ -252,11 +255,12 @@ if __name__ == '__main__':
     try:
         os.makedirs(data_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=data_dir).close()  # fail now, not after an hour of tokenizing
-        with atomic_output(meta_path) as meta_tmp, (atomic_output(tokenizer_path) if bpe_size else nullcontext()) as \
+        with atomic_output(meta_path) as meta_tmp, (atomic_output(tokenizer_path) if has_json else nullcontext()) as \
                 tokenizer_tmp, atomic_output(bins['train']) as train_tmp, atomic_output(bins['validation']) as val_tmp:
             # the train documents only, streamed: validation text must not shape the tokens it is scored in
-            state = train_tokenizer(tokenizer, (t for texts in batches(train, f'training {tokenizer}') for t in texts))
-            if bpe_size:
+            state = reused or train_tokenizer(tokenizer, (t for texts in batches(train, f'training {tokenizer}')
+                                                          for t in texts))
+            if has_json:
                 with open(tokenizer_tmp, 'w', encoding='utf-8') as f:
                     f.write(state['json'])
             enc = get_tokenizer(state)
@@ -269,7 +273,7 @@ if __name__ == '__main__':
             meta = {**meta_fields(enc), **stats, 'source': source, 'options': options}
             with open(meta_tmp, 'w') as f:
                 json.dump(meta, f, indent=2)
-        if not bpe_size and os.path.exists(tokenizer_path):
+        if not has_json and os.path.exists(tokenizer_path):
             os.remove(tokenizer_path)  # an earlier bpe run's, which meta.json no longer names
     except OSError as e:
         die(f"cannot write to data_dir {data_dir}: {e.strerror or e}")

@@ -29,7 +29,8 @@ def parse_name(name):
     """N for 'bpe:N', 0 for 'gpt2'; anything else ends the run."""
     m = re.fullmatch(r'bpe:(\d+)', str(name))
     if name != 'gpt2' and not (m and MIN_BPE <= int(m[1]) <= MAX_BPE):
-        die(f"tokenizer={name} is not gpt2 or bpe:N with N from {MIN_BPE} to {MAX_BPE} (e.g. --tokenizer=bpe:4096)")
+        die(f"tokenizer={name} is not gpt2, bpe:N with N from {MIN_BPE} to {MAX_BPE} (e.g. --tokenizer=bpe:4096), "
+            "a checkpoint or a prepared data_dir")
     return int(m[1]) if m else 0
 
 
@@ -121,6 +122,15 @@ def train_tokenizer(name, texts):
     if trained != name:
         log(f"note: the train documents hold too few distinct pairs of tokens for {name}: trained {trained}")
     return {'name': trained, 'json': text}
+
+
+def reused_tokenizer(path):
+    """For prepare.py: the state of the tokenizer of a checkpoint file or a prepared data_dir, to
+    prepare new data in the tokens a model already reads (to fine-tune it on them)."""
+    from common import load_checkpoint, read_meta
+    if os.path.isdir(path):
+        return data_tokenizer(path, read_meta(path))
+    return checkpoint_tokenizer(load_checkpoint(path))
 
 
 def meta_fields(enc):

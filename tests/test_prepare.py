@@ -229,6 +229,23 @@ def test_held_out_documents_are_not_trained_on(tmp_path, monkeypatch):
     assert (tmp_path / 'd' / 'tokenizer.json').read_text(encoding='utf-8') == tokenizer.train_bpe(docs['train'], 300)
 
 
+def test_a_data_dirs_or_checkpoints_tokenizer_is_reused(tmp_path, monkeypatch):
+    """New data in the tokens a model already reads, to fine-tune it: the tokenizer is copied, not trained."""
+    import torch
+    src, other = write_txt(tmp_path / 'stories.txt', STORIES), write_txt(tmp_path / 'other.txt', ODD * 3)
+    run_prepare(monkeypatch, f'--source={src}', '--tokenizer=bpe:300', f'--data_dir={tmp_path / "a"}')
+    state = {'name': 'bpe:300', 'json': (tmp_path / 'a' / 'tokenizer.json').read_text(encoding='utf-8')}
+    torch.save({'model': {}, 'model_args': {}, 'tokenizer': state}, tmp_path / 'ckpt.pt')
+    for given, folder in ((tmp_path / 'a', 'b'), (tmp_path / 'ckpt.pt', 'c')):
+        run_prepare(monkeypatch, f'--source={other}', f'--tokenizer={given}', f'--data_dir={tmp_path / folder}')
+        docs, enc = bpe_docs(tmp_path / folder)
+        assert (tmp_path / folder / 'tokenizer.json').read_text(encoding='utf-8') == state['json']
+        assert enc.name == 'bpe:300' and sorted(docs['train'] + docs['validation']) == sorted(ODD * 3)
+    torch.save({'model': {}, 'model_args': {}}, tmp_path / 'gpt2.pt')  # nanoGPT's checkpoints name no tokenizer: GPT-2's
+    run_prepare(monkeypatch, f'--source={other}', f'--tokenizer={tmp_path / "gpt2.pt"}', f'--data_dir={tmp_path / "d"}')
+    assert read(tmp_path / 'd')[0]['tokenizer'] == 'gpt2' and not (tmp_path / 'd' / 'tokenizer.json').exists()
+
+
 def test_rerun_skip_knows_the_tokenizer(tmp_path, monkeypatch, capsys):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     tok = tmp_path / 'd' / 'tokenizer.json'

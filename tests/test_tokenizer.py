@@ -138,7 +138,7 @@ def test_deterministic_on_the_sample(bpe_json):
 def test_bad_names_end_the_run_in_one_line(name, tmp_path):
     with pytest.raises(SystemExit) as e:
         prepare(name, STORIES, tmp_path)
-    assert str(e.value).startswith(f'error: tokenizer={name} is not gpt2 or bpe:N with N from 257 to 65535')
+    assert str(e.value).startswith(f'error: tokenizer={name} is not gpt2, bpe:N with N from 257 to 65535')
     assert '\n' not in str(e.value) and not os.listdir(tmp_path)
 
 
