@@ -193,7 +193,8 @@ def read_meta(data_dir):
     """meta.json that prepare.py writes beside train.bin and validation.bin, checked."""
     path = os.path.join(data_dir, 'meta.json')
     if not os.path.isfile(path):
-        die(f"no {path}: run prepare.py first (e.g. python prepare.py --source=../shared/data/tinystories/train-sample.txt)")
+        die(f"no {path}: prepare it first, python prepare.py --data_dir={data_dir} --source=FILES (your stories; "
+            "without it: TinyStories from the hub), with the --tokenizer the model reads (prepare.py --help)")
     again = "run prepare.py again with --force=True"
     try:
         with open(path, encoding='utf-8') as f:

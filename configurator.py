@@ -10,11 +10,13 @@ A setting takes the type of its default; one whose default is None (or that may 
 declares its types with an annotation, `compile: bool | None = None`. A config file runs with
 the settings so far visible (`lr_decay_iters = max_iters`). Unlike nanoGPT, mistakes (unknown
 key, wrong type, a config file that is missing or fails) end the run with one readable line
-instead of an assert or a traceback.
+instead of an assert or a traceback. --help (or -h) prints the script's docstring and its settings,
+each with its default and the comment beside it in the script, and exits.
 """
 import ast
 import builtins
 import difflib
+import os
 import sys
 import types
 
@@ -85,9 +87,52 @@ def _run_file(path, settings):
     return assigned
 
 
+def _help(g, defaults):
+    """--help: the script's docstring, then each setting of its settings block, in its order, with its
+    default and the comment beside it, else the comment lines just above it. Read from the source:
+    exec'ing this file has replaced the script's __doc__ with this file's."""
+    path = g.get('__file__', '')
+    try:
+        with open(path, encoding='utf-8') as f:
+            source = f.read()
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        source, tree = '', ast.parse('')
+    lines, comments = source.splitlines(), {}
+    # the settings block between the first two `# ----` lines, if the script marks one
+    marks = [i + 1 for i, line in enumerate(lines) if line.startswith('# ----')][:2]
+    first, last = marks if len(marks) == 2 else (0, len(lines))
+    for node in tree.body:
+        if not first < node.lineno < last:
+            continue
+        target = node.target if isinstance(node, ast.AnnAssign) else node.targets[0] if isinstance(node, ast.Assign) else None
+        name = getattr(target, 'id', None)
+        if name not in defaults or name in comments or node.value is None:
+            continue
+        # from the value's end, so that a '#' inside a string default is not taken for a comment
+        after = lines[node.end_lineno - 1][node.value.end_col_offset:].strip()
+        above, i = [], node.lineno - 2
+        while i >= 0 and lines[i].startswith('# ') and not lines[i].startswith('# ----'):
+            above.insert(0, lines[i][2:])
+            i -= 1
+        comments[name] = after[1:].strip() if after.startswith('#') else ' '.join(above)
+    comments = comments or dict.fromkeys(defaults, '')  # no source to read: the settings alone
+    print(f"usage: python {os.path.basename(path or sys.argv[0])} [config.py ...] [--key=value ...]\n")
+    if ast.get_docstring(tree):  # as written: prepare.py's example continues a line with a backslash
+        print(ast.get_source_segment(source, tree.body[0].value).strip('"\n') + '\n')
+    print("settings, with their defaults (give them as --key=value, or as key = value in a config file):")
+    shown = {k: f"--{k}={defaults[k] if isinstance(defaults[k], str) else repr(defaults[k])}" for k in comments}
+    width = min(32, max(map(len, shown.values()), default=0))
+    for k, comment in comments.items():
+        print(f"  {shown[k]:<{width}}  {comment}".rstrip())
+    raise SystemExit(0)
+
+
 def configure(g, argv):
     """Apply config files and --key=value overrides in argv to the globals dict g."""
     defaults = {k: v for k, v in g.items() if not k.startswith('_') and isinstance(v, _CONFIG_TYPES)}
+    if '--help' in argv or '-h' in argv:
+        _help(g, defaults)
     annotations = g.get('__annotations__', {})
     for arg in argv:
         if not arg.startswith('--'):

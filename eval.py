@@ -10,24 +10,25 @@ tokenizer the checkpoint was trained with, which the checkpoint holds.
 import json
 import math
 import os
+import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, open_split, read_meta
+from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, log, open_split, read_meta
 from generate import use_fast_linears
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer, get_tokenizer, token_bytes
 
 # -----------------------------------------------------------------------------
-out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
+out_dir = 'out-cpu'  # where train.py saved its checkpoints: config/cpu.py's, the README's first run
 ckpt = 'best'  # best or last (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint
 data_dir = ''  # prepared data (prepare.py); empty: the data_dir the checkpoint was trained on
 split = 'validation'  # which split to score: validation or train
 max_tokens = 0  # score only the first max_tokens tokens of the split (>= 0; 0: all of it)
 batch_size = 8  # windows per forward pass (>= 1)
 logits_chunk = 64  # positions whose logits are held at once (>= 1): vocab_size float32 each; 64 stay in a CPU's cache
-json_out = ''  # also write the results as JSON to this path
+json_out = ''  # also write the results as JSON to this path; a bare file name (eval.json) goes beside the checkpoint
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 autocast where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); float32 is exact
 # -----------------------------------------------------------------------------
@@ -48,6 +49,8 @@ device_type = device.split(':')[0]
 dtype = get_dtype(dtype, device_type)
 
 path = checkpoint_path(out_dir, ckpt)
+if json_out and not os.path.dirname(json_out):  # ./eval.json is the working directory's
+    json_out = os.path.join(os.path.dirname(path), json_out)
 model, checkpoint = load_model(path, device)
 use_fast_linears(model)  # the CPU's faster weight layouts (generate.py)
 tokenizer = checkpoint_tokenizer(checkpoint)
@@ -56,6 +59,9 @@ block_size = model.config.block_size
 data_dir = data_dir or (checkpoint.get('config') or {}).get('data_dir')
 if not data_dir:
     die(f"{path} does not say which data it was trained on: give --data_dir")
+if not os.path.isfile(os.path.join(data_dir, 'meta.json')):  # read_meta's hint cannot name the tokenizer
+    die(f"no prepared data in {data_dir}: make it in the checkpoint's tokens with `python prepare.py --tokenizer={path} "
+        f"--data_dir={data_dir}` and --source=FILES, the stories to score (without it: TinyStories from the hub)")
 meta = read_meta(data_dir)
 check_same(data_tokenizer(data_dir, meta), tokenizer, data_dir, path)
 if meta['vocab_size'] > model.config.vocab_size:
@@ -88,8 +94,11 @@ def chunk_nats(h, y):
 
 
 starts = range(0, n, block_size)  # window i reads tokens i.. and predicts i+1.., the last one shorter
+batches = range(0, len(starts), batch_size)
+# a bar on a terminal only (in a log file it is one line of \r updates), elsewhere a plain line every 30 s
+bar, shown = tqdm(batches, desc=split, unit='batch', disable=None), time.monotonic()
 total_nats, total_bytes = 0.0, 0
-for b in tqdm(range(0, len(starts), batch_size), desc=f'{split}', unit='batch'):
+for done, b in enumerate(bar, 1):
     windows = starts[b:b + batch_size]
     x = np.zeros((len(windows), block_size), dtype=np.int64)
     y = np.full((len(windows), block_size), -1, dtype=np.int64)  # -1: past the end, not scored
@@ -105,6 +114,9 @@ for b in tqdm(range(0, len(starts), batch_size), desc=f'{split}', unit='batch'):
         h = model.hidden_states(x).flatten(0, 1)[:scored]
         nats = sum(chunk_nats(h[c:c + logits_chunk], y[c:c + logits_chunk]) for c in range(0, scored, logits_chunk))
     total_nats += nats.item()  # one sync per batch
+    if bar.disable and time.monotonic() - shown >= 30:
+        shown = time.monotonic()
+        log(f"{split}: {done}/{len(batches)} batches")
 loss = total_nats / n
 results = dict(checkpoint=path, iter_num=checkpoint.get('iter_num'), data_dir=data_dir, split=split,
                tokens=n, bytes=total_bytes, windows=len(starts), block_size=block_size,
@@ -116,3 +128,4 @@ if json_out:
     with atomic_output(json_out) as tmp:
         with open(tmp, 'w') as f:
             json.dump(results, f, indent=2)
+    log(f"wrote {json_out}")

@@ -45,7 +45,7 @@ num_threads = 0  # tokenizer threads (>= 0; 0 = one per CPU core)
 force = False  # redo the work even when data_dir already holds it
 # -----------------------------------------------------------------------------
 FORMATS = {'.txt': 'text', '.jsonl': 'json', '.json': 'json', '.parquet': 'parquet'}
-PROGRESS_EVERY = 60  # seconds between progress lines when stderr is not a terminal
+PROGRESS_EVERY = 30  # seconds between progress lines when stderr is not a terminal
 
 
 def tokenize_batch(enc, texts, dtype='uint16', num_threads=0):

@@ -7,6 +7,7 @@ The checkpoint holds its tokenizer, so sample.py needs no data_dir.
 """
 import codecs
 import os
+import signal
 import sys
 import time
 
@@ -17,7 +18,7 @@ from generate import check_options, generate, stream
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
-out_dir = 'out-small'  # where train.py saved its checkpoints (its default)
+out_dir = 'out-cpu'  # where train.py saved its checkpoints: config/cpu.py's, the README's first run
 ckpt = 'best'  # best or last (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint
 start = ''  # the story's beginning, or FILE:path to read it from a file; empty starts a fresh story
 num_samples = 1  # stories to write, all generated as one batch
@@ -135,8 +136,11 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
             else:
                 for _ in steps():
                     pass
-        except KeyboardInterrupt:
-            interrupted = True  # Ctrl-C: show what exists of every story
+        except KeyboardInterrupt:  # Ctrl-C: show what exists of every story
+            interrupted = True
+            # a second one, while they print (to a slow pipe, a stuck terminal), leaves at once and as quietly,
+            # without waiting to flush them
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
         if num_samples == 1:
             print(flush=True)
         else:

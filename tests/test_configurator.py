@@ -1,4 +1,6 @@
+import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -143,3 +145,59 @@ def test_a_broken_config_file_prints_no_traceback(tmp_path):
     run = subprocess.run([sys.executable, 'train.py', str(cfg)], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 1 and 'Traceback' not in run.stderr
     assert run.stderr.strip().splitlines()[-1] == f'error: {cfg}:2: ZeroDivisionError: integer division or modulo by zero'
+
+
+def settings_block(script):
+    """(name, default as --help shows it, comment) of each `name = default  # comment` line of a script's
+    settings: between its `# ----` lines, else every line before it runs configurator.py."""
+    lines = open(os.path.join(ROOT, script), encoding='utf-8').read().splitlines()
+    marks = [i for i, line in enumerate(lines) if line.startswith('# ----')]
+    end = next(i for i, line in enumerate(lines) if "'configurator.py'" in line)
+    settings = []
+    for line in lines[marks[0]:marks[1]] if len(marks) >= 2 else lines[:end]:
+        m = re.fullmatch(r"(\w+)(?:: [^=]+)? = (.+?)(?:  # (.*))?", line)
+        if m:
+            value = ast.literal_eval(m[2])
+            settings.append((m[1], value if isinstance(value, str) else repr(value), m[3] or ''))
+    return settings
+
+
+@pytest.mark.parametrize('script', ['train.py', 'sample.py', 'eval.py', 'export.py', 'prepare.py', 'bench.py', 'serve.py'])
+def test_help_lists_each_setting_with_its_default_and_comment(script):
+    run = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stderr == '', run.stderr
+    doc = ast.get_docstring(ast.parse(open(os.path.join(ROOT, script), encoding='utf-8').read()))
+    assert run.stdout.startswith(f'usage: python {script} [config.py ...] [--key=value ...]\n\n{doc.splitlines()[0]}\n')
+    settings = settings_block(script)
+    assert len(settings) >= 4
+    for name, default, comment in settings:
+        beside = re.escape(comment) if comment else '.*'  # else the lines above it: test_help_reads_the_script_as_written
+        assert re.search(rf'^  --{name}={re.escape(default)}( +{beside})?$', run.stdout, re.M), name
+    shown = re.findall(r'^  --(\w+)=', run.stdout, re.M)
+    assert shown == [name for name, _, _ in settings]
+
+
+def test_help_reads_the_script_as_written(tmp_path):
+    """-h wins over the other arguments, even wrong ones; a '#' in a default is not a comment, and a
+    setting without a comment of its own shows the lines above it."""
+    script = tmp_path / 'script.py'
+    script.write_text('"""\nDo a thing.\n  $ python script.py --n=3\n"""\nimport os\n'
+                      'before = 0  # not a setting of the block\n'
+                      '# -----\n'
+                      "tag = 'a#b'  # a tag\n"
+                      'top_k: int | None = 200  # the k likeliest\n'
+                      '# how many, counted\n# twice\n'
+                      'n = 1\n'
+                      '# -----\n'
+                      'after = 0\n'
+                      f'exec(open({os.path.join(ROOT, "configurator.py")!r}).read())\n'
+                      'print("ran")\n')
+    run = subprocess.run([sys.executable, str(script), '--nope=1', '-h'], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr == '', run.stderr
+    assert run.stdout.split('\n') == [
+        'usage: python script.py [config.py ...] [--key=value ...]', '',
+        'Do a thing.', '  $ python script.py --n=3', '',
+        'settings, with their defaults (give them as --key=value, or as key = value in a config file):',
+        '  --tag=a#b    a tag',
+        '  --top_k=200  the k likeliest',
+        '  --n=1        how many, counted twice', '']

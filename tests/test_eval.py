@@ -1,10 +1,14 @@
 import io
+import itertools
 import json
 import math
 import os
+import re
 import runpy
+import shutil
 import subprocess
 import sys
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
@@ -56,13 +60,14 @@ def setup(tmp_path_factory, enc):
     return root, model, tokens
 
 
-def evaluate(out_dir, *args, dtype='float32'):
-    """Run eval.py in this process, as `python eval.py --out_dir=... args` would; returns stdout.
-    float32 unless asked: the exact figures a direct computation gives."""
-    argv, sys.argv = sys.argv, ['eval.py', f'--out_dir={out_dir}', f'--dtype={dtype}', *args]
+def evaluate(out_dir, *args, dtype='float32', err=None):
+    """Run eval.py in this process, as `python eval.py --out_dir=... args` would (None: no --out_dir);
+    returns stdout, and writes stderr to err. float32 unless asked: the exact figures a direct
+    computation gives."""
+    argv, sys.argv = sys.argv, ['eval.py', *([f'--out_dir={out_dir}'] if out_dir else []), f'--dtype={dtype}', *args]
     out = io.StringIO()
     try:
-        with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        with redirect_stdout(out), redirect_stderr(err or io.StringIO()):
             runpy.run_path(os.path.join(ROOT, 'eval.py'), run_name='__main__')
     finally:
         sys.argv = argv
@@ -142,8 +147,46 @@ def test_command_line_writes_json(setup, tmp_path):
     assert run.returncode == 0, run.stderr
     results = json.loads((tmp_path / 'e.json').read_text())
     assert run.stdout.splitlines()[-1].startswith(f"loss {results['loss']:.4f} nats/token, perplexity ")
-    assert 'validation: 100%' in run.stderr  # the progress bar
+    assert '\r' not in run.stderr  # no progress bar off a terminal: a file of it is one line of \r updates
+    assert run.stderr.splitlines()[-1] == f"wrote {tmp_path / 'e.json'}"
     assert os.listdir(tmp_path) == ['e.json']  # no temporary file left behind
+
+
+def test_off_a_terminal_progress_is_a_plain_line_every_30_seconds(setup, monkeypatch):
+    clock = itertools.count(step=31)  # every batch takes 31 s
+    monkeypatch.setattr(time, 'monotonic', lambda: next(clock))
+    err = io.StringIO()
+    evaluate(setup[0], '--batch_size=2', err=err)
+    assert [line for line in err.getvalue().splitlines() if 'batches' in line] == \
+        ['validation: 1/3 batches', 'validation: 2/3 batches', 'validation: 3/3 batches']
+
+
+def test_a_bare_json_out_goes_beside_the_checkpoint(setup, tmp_path, monkeypatch):
+    """eval.json lands beside best.pt, as everything else of a run does; ./eval.json in the working directory."""
+    run, cwd = tmp_path / 'run', tmp_path / 'cwd'
+    run.mkdir()
+    cwd.mkdir()
+    shutil.copy(setup[0] / 'best.pt', run)
+    monkeypatch.chdir(cwd)
+    evaluate(run, '--json_out=eval.json')
+    evaluate(tmp_path / 'elsewhere', f'--ckpt={run / "best.pt"}', '--json_out=ckpt.json')
+    assert sorted(os.listdir(run)) == ['best.pt', 'ckpt.json', 'eval.json'] and os.listdir(cwd) == []
+    evaluate(run, '--json_out=./here.json')
+    assert os.listdir(cwd) == ['here.json'] and json.loads((cwd / 'here.json').read_text())['tokens'] == 137
+
+
+def test_bare_eval_reads_what_its_hint_trains(setup, tmp_path, monkeypatch):
+    """No --out_dir: eval.py reads what the command its error names (the README's first run) writes."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        evaluate(None)
+    command = re.search(r'train one first: python train.py (\S+)\)', str(e.value))
+    assert command, e.value
+    settings = {}
+    exec(open(os.path.join(ROOT, command[1])).read(), {}, settings)
+    os.makedirs(settings['out_dir'])
+    shutil.copy(setup[0] / 'best.pt', settings['out_dir'])
+    assert '137 tokens' in evaluate(None)
 
 
 @pytest.mark.parametrize('arg, message', [('--split=nope', "split must be train or validation, .*got 'nope'"),
@@ -162,6 +205,35 @@ def test_errors(setup, tmp_path):
     torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS}, tmp_path / 'last.pt')
     with pytest.raises(SystemExit, match='^error: .*last.pt does not say which data .*--data_dir'):
         evaluate(tmp_path, '--ckpt=last')
+
+
+@pytest.mark.parametrize('name', ['gpt2', 'bpe:300'])
+def test_missing_data_names_the_command_that_makes_it(tmp_path, name):
+    """The data a checkpoint was trained on is gone: the prepare.py command eval.py names, given the
+    stories (offline: a file, not the hub), makes data that eval.py accepts."""
+    import tokenizer
+    from common import read_meta
+    stories, data = tmp_path / 'stories.txt', tmp_path / 'data'
+    stories.write_text('\n<|endoftext|>\n'.join(STORIES * 5), encoding='utf-8')
+    source = [f'--source={stories}', f'--val_source={stories}']
+
+    def prepare(*args):
+        run = subprocess.run([sys.executable, *args, *source], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+    state = tokenizer.GPT2
+    if name != 'gpt2':  # trained by prepare.py on the stories, as the data the checkpoint was trained on
+        prepare('prepare.py', f'--tokenizer={name}', f'--data_dir={data}')
+        state = tokenizer.data_tokenizer(data, read_meta(data))
+        shutil.rmtree(data)
+    args = {**MODEL_ARGS, 'vocab_size': tokenizer.get_tokenizer(state).n_vocab}
+    torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args, 'tokenizer': state,
+                'config': {'data_dir': str(data)}}, tmp_path / 'best.pt')
+    with pytest.raises(SystemExit) as e:
+        evaluate(tmp_path)
+    command = re.search(r'`python (prepare.py .*?)`', str(e.value))
+    assert command, e.value
+    prepare(*command[1].split())
+    assert f"on {data / 'validation.bin'}" in evaluate(tmp_path)
 
 
 def test_truncated_bin_is_one_error_line(setup, tmp_path):

@@ -1,9 +1,14 @@
+import fcntl
 import io
 import os
+import re
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
+import termios
+import time
 from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
@@ -112,10 +117,10 @@ def test_checkpoint_without_a_tokenizer_means_gpt2(bpe_chain):
 
 
 def sample(out_dir, *args):
-    """Run sample.py in this process, as `python sample.py --out_dir=... args` would but without
-    starting Python and torch again; returns (stdout, stderr). An error is the SystemExit('error: ...')
-    that exits with status 1."""
-    argv, sys.argv = sys.argv, ['sample.py', f'--out_dir={out_dir}', *args]
+    """Run sample.py in this process, as `python sample.py --out_dir=... args` would (None: no --out_dir)
+    but without starting Python and torch again; returns (stdout, stderr). An error is the
+    SystemExit('error: ...') that exits with status 1."""
+    argv, sys.argv = sys.argv, ['sample.py', *([f'--out_dir={out_dir}'] if out_dir else []), *args]
     out, err = io.StringIO(), io.StringIO()
     try:
         with redirect_stdout(out), redirect_stderr(err):
@@ -138,6 +143,20 @@ def test_command_line(chain, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and run.stdout == ''
     assert run.stderr.splitlines()[-1] == 'error: temperature must be >= 0 (0 is greedy) and finite, got -1.0'
+
+
+def test_bare_sample_reads_what_its_hint_trains(chain, tmp_path, monkeypatch):
+    """No --out_dir: sample.py reads what the command its error names (the README's first run) writes."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        sample(None)
+    command = re.search(r'train one first: python train.py (\S+)\)', str(e.value))
+    assert command, e.value
+    settings = {}
+    exec(open(os.path.join(ROOT, command[1])).read(), {}, settings)
+    os.makedirs(settings['out_dir'])
+    shutil.copy(chain / 'best.pt', settings['out_dir'])
+    assert story(None, '--start=Once') == 'Once one two three\n'
 
 
 def test_same_seed_same_stories_other_seed_other_stories(random_dir):
@@ -241,34 +260,67 @@ def test_ctrl_c_prints_what_exists_of_every_story(chain, monkeypatch, num_sample
     monkeypatch.setattr(generate, 'stream', interrupted)
     out, err = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, 'argv', ['sample.py', f'--out_dir={chain}', '--start=Once', f'--num_samples={num_samples}'])
+    previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as e, redirect_stdout(out), redirect_stderr(err):
         try:
             runpy.run_path(os.path.join(ROOT, 'sample.py'), run_name='__main__')
         except KeyboardInterrupt:
             pytest.fail('the KeyboardInterrupt escaped sample.py')
+        finally:
+            signal.signal(signal.SIGINT, previous)  # sample.py's, for a second Ctrl-C, would end pytest
     assert e.value.code == 130
     assert out.getvalue() == '\n---------------\n'.join(['Once one two'] * num_samples) + '\n'
     assert 'interrupted' in err.getvalue()
 
 
-def popen(out_dir, *args):
-    return subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={out_dir}', '--start=Once', *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
-
-
-def test_sigint_during_a_long_story_exits_130_without_a_traceback(random_dir):
+def popen(out_dir, *args, stdout=subprocess.PIPE):
     # a shell's background job starts with SIGINT ignored, which the tests and then sample.py would
     # inherit (Python leaves an ignored SIGINT ignored): the child gets the default a terminal gives
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run = popen(random_dir, '--max_new_tokens=1000000', '--stop_at_eot=False')
+        return subprocess.Popen([sys.executable, 'sample.py', f'--out_dir={out_dir}', '--start=Once', *args], cwd=ROOT,
+                                stdout=stdout, stderr=subprocess.PIPE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_during_a_long_story_exits_130_without_a_traceback(random_dir):
+    run = popen(random_dir, '--max_new_tokens=1000000', '--stop_at_eot=False')
     shown = os.read(run.stdout.fileno(), 1000)  # the story has begun
     run.send_signal(signal.SIGINT)
     rest, err = run.communicate(timeout=60)
     assert run.returncode == 130, err
     assert (shown + rest).startswith(b'Once') and rest.endswith(b'\n') and b'Traceback' not in err
+
+
+@pytest.mark.skipif(not hasattr(fcntl, 'F_SETPIPE_SZ'), reason="needs Linux's pipe sizes")
+def test_a_second_sigint_while_the_stories_print_exits_130_at_once(random_dir, tmp_path):
+    """A reader that has stopped reading: the first Ctrl-C leaves sample.py waiting to print more than the
+    pipe holds, and a second one ends it, without a traceback."""
+    (tmp_path / 'prompt.txt').write_text('Once upon a time ' * 300)  # 5 KB a story: more than the pipe
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    run = popen(random_dir, f'--start=FILE:{tmp_path / "prompt.txt"}', '--num_samples=2', '--max_new_tokens=1000000',
+                stdout=w)
+    os.close(w)
+    with open(r, 'rb') as out:
+        try:
+            for line in run.stderr:  # logged just before the stories begin
+                if line.startswith(b'warning: the prompt is'):
+                    break
+            time.sleep(0.5)
+            run.send_signal(signal.SIGINT)
+            deadline = time.time() + 60
+            while int.from_bytes(fcntl.ioctl(r, termios.FIONREAD, bytes(4)), sys.byteorder) < 4000:  # full
+                assert run.poll() is None and time.time() < deadline
+                time.sleep(0.1)
+            time.sleep(0.5)
+            run.send_signal(signal.SIGINT)
+            assert out.read().startswith(b'Once upon a time')
+        finally:
+            run.kill()  # nothing, unless the test failed with sample.py still waiting for the pipe
+    err = run.stderr.read()
+    assert run.wait(timeout=60) == 130 and b'Traceback' not in err, err
 
 
 @pytest.mark.parametrize('num_samples', [1, 2])
