@@ -12,12 +12,12 @@ It appears complete or not at all.
 """
 import math
 import os
+import re
 import shutil
-import tempfile
 
 import numpy as np
 
-from common import checkpoint_path, die, load_model, open_split, read_meta
+from common import checkpoint_path, die, load_model, lock_folder, log, open_split, read_meta
 from tokenizer import checkpoint_tokenizer, get_tokenizer, token_bytes
 from hf import architecture, save_gpt2, save_llama, save_tokenizer
 
@@ -34,6 +34,16 @@ def bits_per_byte(loss, tokens, enc):
     does (tokenizer.token_bytes)."""
     n_bytes = int(np.bincount(tokens, minlength=enc.n_vocab) @ token_bytes(enc))
     return loss * len(tokens) / math.log(2) / n_bytes
+
+
+def remove_stale_exports(export_dir):
+    """Remove the temporary folders (.NAME.tmpPID) that exports into export_dir left beside it when
+    killed outright (kill -9, out of memory). Called under export_dir's lock: their runs are over."""
+    parent, name = os.path.split(os.path.abspath(export_dir))
+    for entry in sorted(os.listdir(parent)):
+        if re.fullmatch(rf'\.{re.escape(name)}\.tmp\w+(\.old)?', entry):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            log(f"removed {os.path.join(parent, entry)}, left by an export that was killed")
 
 
 def training_data(data_dir, state):
@@ -62,8 +72,12 @@ def model_card(name, arch, path, checkpoint, model, tokenizer, meta, no_meta, bp
         data += f" ({meta['train']['tokens']:,} training tokens from {meta.get('source', 'an unknown source')})"
     else:
         data += f" (its token counts and bits per byte are not given: {no_meta})"
-    init_from = config.get('init_from', 'scratch')
-    origin = 'Trained from scratch' if init_from == 'scratch' else f'Fine-tuned from {init_from}'
+    # a resumed run's config says init_from='resume'; train.py records where its first run started
+    started = checkpoint.get('started_from', config.get('init_from', 'scratch'))
+    origin = ("Trained from scratch with tinystories-gpt's train.py" if started == 'scratch' else
+              f"Fine-tuned from {started} with tinystories-gpt's train.py" if started != 'resume' else
+              "Trained with tinystories-gpt's train.py in more than one run (resumed), from a start its "
+              "checkpoint does not record")
     loss = checkpoint.get('best_val_loss')
     tokenized = "GPT-2's BPE" if tokenizer == 'gpt2' else f"a byte-level BPE of {tokenizer[4:]} tokens trained on it"
     lines = [f"- Training data: {data}, tokenized with {tokenized}",
@@ -89,7 +103,7 @@ tags: [{tag}, tinystories-gpt]
 
 A {shape}-shaped language model of {model.get_num_params() / 1e6:.2f}M parameters (not counting the
 embeddings that are only looked up): {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} wide, a context
-of {cfg.block_size} tokens{parts}. {origin} with tinystories-gpt's train.py.
+of {cfg.block_size} tokens{parts}. {origin}.
 
 {chr(10).join(lines)}
 
@@ -104,6 +118,8 @@ print(generate('Once upon a time', max_new_tokens=100, do_sample=True)[0]['gener
 if __name__ == '__main__':
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     export_dir = export_dir or os.path.join(out_dir, 'hf')
+    lock_folder(export_dir, 'choose another --export_dir')
+    remove_stale_exports(export_dir)
     if os.path.exists(export_dir) and not os.path.isdir(export_dir):
         die(f"export_dir {export_dir} is a file: choose another --export_dir")
     if os.path.isdir(export_dir) and os.listdir(export_dir) and not overwrite:
@@ -126,10 +142,10 @@ if __name__ == '__main__':
     if meta and os.path.isfile(os.path.join(data_dir, 'validation.bin')) and loss is not None and math.isfinite(loss):
         bpb = bits_per_byte(loss, open_split(data_dir, meta, 'validation'), enc)
 
+    parent, name = os.path.split(os.path.abspath(export_dir))
+    tmp = os.path.join(parent, f'.{name}.tmp{os.getpid()}')  # lock_folder made parent
     try:
-        parent = os.path.dirname(os.path.abspath(export_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(export_dir)}.tmp')
+        os.mkdir(tmp)
     except OSError as e:
         die(f"cannot write next to export_dir {export_dir}: {e.strerror or e}")
     try:
@@ -137,11 +153,10 @@ if __name__ == '__main__':
         (save_gpt2 if arch == 'GPT2LMHeadModel' else save_llama)(model, tmp, enc.n_vocab, enc.eot_token)
         save_tokenizer(state, enc, tmp, model.config.block_size)
         with open(os.path.join(tmp, 'README.md'), 'w') as f:
-            f.write(model_card(os.path.basename(os.path.abspath(export_dir)), arch, path, checkpoint, model,
-                               state['name'], meta, no_meta, bpb))
-        # mkdtemp's folder and safetensors' file are private; an exported model is meant to be shared
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o644)
+            f.write(model_card(name, arch, path, checkpoint, model, state['name'], meta, no_meta, bpb))
+        # safetensors' file is private, and so may the folder be; an exported model is meant to be shared
+        for file in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, file), 0o644)
         os.chmod(tmp, 0o755)
         if os.path.isdir(export_dir):  # empty, or to be replaced: swap it out, then drop it
             old = tmp + '.old'
@@ -151,7 +166,7 @@ if __name__ == '__main__':
         else:
             os.rename(tmp, export_dir)
     except OSError as e:
-        die(f"cannot write export_dir {export_dir}: {e.strerror or e}")
+        die(f"cannot write export_dir {export_dir}: {e.strerror or e}: make room, or choose another --export_dir")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"exported {path} (iter {checkpoint.get('iter_num')}) as a {arch} to {export_dir}: "

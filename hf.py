@@ -1,18 +1,18 @@
-"""The mapping between model.py's GPT and transformers' models: GPT2LMHeadModel both ways
+"""The mapping between model.py's GPT and transformers' models, both ways: GPT2LMHeadModel
 (parameter names, the transposed Conv1D weights, configs), LlamaForCausalLM for a model with all
 of Llama's options, and the tokenizer files (GPT-2's built from tiktoken's data, a trained BPE's
 tokenizer.json as the checkpoint holds it). export.py writes a transformers folder with it;
-train.py's init_from='gpt2' reads one.
+train.py's init_from (gpt2, or such a folder) reads one.
 transformers, tokenizers and safetensors are imported inside the functions: only these two
 paths need them."""
-import base64
 import json
 import os
-import tempfile
+import pickle
 
 import torch
 
 from common import die, log
+from tokenizer import byte_of_char
 
 # GPT-2 keeps these in Conv1D modules, which store the weight as (in, out): nn.Linear's transpose
 CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
@@ -132,10 +132,13 @@ def save_llama(model, folder, vocab_size, eot_token):
 
 
 def save_weights(state, folder):
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
-    # float32 copies of their own: safetensors refuses tensors that share memory (views, tied weights)
-    save_file({k: v.float().clone().contiguous() for k, v in state.items()}, os.path.join(folder, 'model.safetensors'),
-              metadata={'format': 'pt'})
+    try:  # float32 copies of their own: safetensors refuses tensors that share memory (views, tied weights)
+        save_file({k: v.float().clone().contiguous() for k, v in state.items()},
+                  os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
+    except SafetensorError as e:  # how it reports the OS's errors too, a full disk among them
+        raise OSError(str(e)) from e
 
 
 def save_generation_config(folder, eot_token):
@@ -147,13 +150,10 @@ def save_generation_config(folder, eot_token):
 def save_tokenizer(state, enc, folder, max_length):
     """The checkpoint's tokenizer (its state, and enc, its Encoding) as tokenizer.json and
     tokenizer_config.json: a trained BPE's file as it is (a `tokenizers` file with a ByteLevel
-    pre-tokenizer and decoder), GPT-2's converted by transformers' TikTokenConverter from a file
-    in tiktoken's own format."""
-    if state['name'] == 'gpt2':
-        save_gpt2_tokenizer(enc, folder)
-    else:
-        with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
-            f.write(state['json'])
+    pre-tokenizer and decoder), GPT-2's built from tiktoken's ranks."""
+    text = gpt2_tokenizer_json(enc) if state['name'] == 'gpt2' else state['json']
+    with open(os.path.join(folder, 'tokenizer.json'), 'w', encoding='utf-8') as f:
+        f.write(text)
     # written by hand: save_pretrained in transformers 5 names a class that 4.x lacks
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': EOT, 'eos_token': EOT, 'unk_token': EOT,
               'pad_token': EOT, 'model_max_length': max_length, 'add_prefix_space': False,
@@ -162,68 +162,153 @@ def save_tokenizer(state, enc, folder, max_length):
         json.dump(config, f, indent=2)
 
 
-def save_gpt2_tokenizer(enc, folder):
-    from tokenizers import AddedToken
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks = os.path.join(tmp, 'gpt2.tiktoken')
-        with open(ranks, 'wb') as f:  # what tiktoken.load.dump_tiktoken_bpe writes, without needing blobfile
-            for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda item: item[1]):
-                f.write(base64.b64encode(token) + b' ' + str(rank).encode() + b'\n')
-        tokenizer = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str).converted()
-    # added here, not by the converter: its argument for them has changed names across versions
-    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in enc._special_tokens])
-    tokenizer.save(os.path.join(folder, 'tokenizer.json'))
+def gpt2_tokenizer_json(enc):
+    """GPT-2's tokenizer.json, built from tiktoken's Encoding (enc) exactly as transformers'
+    TikTokenConverter builds it. The converter reads the ranks from a file through tiktoken's
+    loader, which caches every path it reads: each export would leave a copy in the user's cache."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    ranks = enc._mergeable_ranks
+    char = {b: c for c, b in byte_of_char().items()}
+    text = lambda token: ''.join(char[b] for b in token)
+    # every way to split a token into two tokens is a merge, ranked by the token, then by its halves
+    merges = sorted(((token[:i], token[i:]) for token in ranks for i in range(1, len(token))
+                     if token[:i] in ranks and token[i:] in ranks),
+                    key=lambda pair: (ranks[pair[0] + pair[1]], ranks[pair[0]], ranks[pair[1]]))
+    bpe = Tokenizer(models.BPE({text(t): r for t, r in ranks.items()}, [(text(a), text(b)) for a, b in merges],
+                               fuse_unk=False, ignore_merges=True))  # a whole word in the vocabulary is one token
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(enc._pat_str), behavior='isolated'),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    bpe.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in enc._special_tokens])
+    return bpe.to_str(pretty=True)
 
 
-def gpt2_from_pretrained(name_or_path, meta, block_size, dropout):
-    """model_args and model.py's state_dict for a transformers GPT-2: OpenAI's by name (gpt2,
-    gpt2-medium, gpt2-large, gpt2-xl: from the local Hugging Face cache, else the hub) or a local
-    folder, its context cropped to block_size, to fine-tune on meta's data."""
-    where = 'folder' if os.path.isdir(name_or_path) else 'model'
-    if meta.get('tokenizer', 'gpt2') != 'gpt2':
-        die(f"init_from={name_or_path} needs data prepared with the GPT-2 tokenizer, and this data's is "
-            f"{meta['tokenizer']!r}: run prepare.py with tokenizer=gpt2 into another --data_dir")
-    if where == 'folder' and not os.path.isfile(os.path.join(name_or_path, 'config.json')):
+def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer=None):
+    """model_args and model.py's state_dict for a transformers model, to fine-tune on meta's data
+    (made by `tokenizer`, a tokenizer state, where the caller knows it): OpenAI's GPT-2 by name (gpt2,
+    gpt2-medium, gpt2-large, gpt2-xl: from the local Hugging Face cache, else the hub), or a folder
+    holding a GPT-2 or a Llama as export.py writes them; its context cropped to block_size."""
+    from model import GPT, GPTConfig
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, 'config.json')):
         die(f"init_from={name_or_path} is a folder without a transformers model (no config.json): give a checkpoint "
             f"file such as {os.path.join(name_or_path, 'best.pt')}, or a folder export.py wrote")
-    from transformers import AutoConfig, GPT2LMHeadModel
-    from transformers.utils.logging import disable_progress_bar
+    check_tokenizer(name_or_path, meta, tokenizer)
+    from transformers import AutoConfig, GPT2LMHeadModel, LlamaForCausalLM
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = cached_or_hub(name_or_path, lambda **kw: AutoConfig.from_pretrained(name_or_path, **kw))
     except (OSError, ValueError) as e:
-        if where == 'folder':
-            die(f"cannot read a transformers model from the folder {name_or_path}: {str(e).splitlines()[0]}")
-        die(f"{name_or_path} is not in the local Hugging Face cache and the hub cannot be reached"
-            f"{' (HF_HUB_OFFLINE=1)' if os.environ.get('HF_HUB_OFFLINE') == '1' else ''}: "
-            "download it once online, or give the path of a folder holding it")
-    if config.model_type != 'gpt2':
-        die(f"init_from={name_or_path} holds a {config.model_type} model; only GPT-2 models map to model.py")
-    n_embd = config.n_embd
-    differ = [f"{k}={getattr(config, k)!r}" for k, ok in (
-        ('n_inner', config.n_inner in (None, 4 * n_embd)), ('layer_norm_epsilon', config.layer_norm_epsilon == 1e-5),
-        ('tie_word_embeddings', config.tie_word_embeddings), ('scale_attn_weights', config.scale_attn_weights),
-        ('scale_attn_by_inverse_layer_idx', not config.scale_attn_by_inverse_layer_idx),
-        ('activation_function', config.activation_function in ('gelu', 'gelu_new', 'gelu_pytorch_tanh')))
-        if not ok]
+        die(f"cannot read the transformers model {name_or_path}: {str(e).splitlines()[0]}")
+    if config.model_type not in ('gpt2', 'llama'):
+        die(f"init_from={name_or_path} holds a {config.model_type} model; model.py's GPT reads GPT-2 and Llama "
+            "models (all that export.py writes)")
+    gpt2 = config.model_type == 'gpt2'
+    args = dict(n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, n_embd=config.hidden_size,
+                block_size=block_size, vocab_size=config.vocab_size, dropout=dropout,
+                tie_embeddings=config.tie_word_embeddings)
+    if gpt2:
+        args['bias'] = True  # GPT-2 always has biases; a bias-free model's export holds zeros
+        differ = [(f'n_inner={config.n_inner}', config.n_inner in (None, 4 * config.n_embd)),
+                  (f'scale_attn_weights={config.scale_attn_weights}', config.scale_attn_weights),
+                  (f'scale_attn_by_inverse_layer_idx={config.scale_attn_by_inverse_layer_idx}',
+                   not config.scale_attn_by_inverse_layer_idx),
+                  (f'activation_function={config.activation_function!r}',
+                   config.activation_function in ('gelu', 'gelu_new', 'gelu_pytorch_tanh'))]
+    else:
+        # transformers 5 keeps the rotary settings in rope_parameters, 4.x in rope_theta and rope_scaling
+        rope = getattr(config, 'rope_parameters', None) or {
+            'rope_theta': config.rope_theta, 'rope_type': (config.rope_scaling or {}).get('rope_type', 'default')}
+        args.update(LLAMA_SHAPE, bias=config.attention_bias, rope_theta=rope['rope_theta'])
+        head_dim = getattr(config, 'head_dim', None)
+        differ = [(f'num_key_value_heads={config.num_key_value_heads}',
+                   config.num_key_value_heads in (None, config.num_attention_heads)),
+                  (f'head_dim={head_dim}', head_dim in (None, config.hidden_size // config.num_attention_heads)),
+                  (f"rope_type={rope.get('rope_type')!r}", rope.get('rope_type', 'default') == 'default'),
+                  (f'hidden_act={config.hidden_act!r}', config.hidden_act == 'silu'),
+                  (f'mlp_bias={config.mlp_bias} with attention_bias={config.attention_bias}',
+                   config.mlp_bias == config.attention_bias)]
+    eps = config.layer_norm_epsilon if gpt2 else config.rms_norm_eps
+    differ = [text for text, ok in differ + [(f'eps={eps}', eps == 1e-5)] if not ok]
+    if not gpt2 and not differ:
+        try:
+            model = GPT(GPTConfig(**args))
+        except ValueError as e:
+            die(f"init_from={name_or_path} does not fit model.py's GPT: {e}")
+        if config.intermediate_size != model.transformer.h[0].mlp.hidden:  # model.py sizes its SwiGLU itself
+            differ.append(f'intermediate_size={config.intermediate_size}')
     if differ:
         die(f"init_from={name_or_path} has {', '.join(differ)}, which model.py's GPT does not implement")
-    if config.activation_function != 'gelu':
+    if gpt2 and config.activation_function != 'gelu':
         log(f"note: {name_or_path} was trained with the tanh approximation of GELU, model.py uses the exact one "
             "(activations differ by at most 5e-4, as in nanoGPT)")
-    if block_size > config.n_positions:
-        die(f"{name_or_path} has a context of {config.n_positions} tokens: use --block_size={config.n_positions} or less")
+    if block_size > config.max_position_embeddings:
+        die(f"{name_or_path} has a context of {config.max_position_embeddings} tokens: "
+            f"use --block_size={config.max_position_embeddings} or less")
     if meta['vocab_size'] > config.vocab_size:
         die(f"the data's vocabulary ({meta['vocab_size']} tokens) is larger than that of {name_or_path} ({config.vocab_size})")
+    hf_model = load_weights(name_or_path, GPT2LMHeadModel if gpt2 else LlamaForCausalLM, config)
+    if gpt2:
+        state = transposed({k: v.float() for k, v in hf_model.state_dict().items()})
+        state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:block_size]
+        state['lm_head.weight'] = hf_model.lm_head.weight.float()
+        return args, state
+    with torch.no_grad():  # llama_weights' tensors are views into the model's: the mapping, read backwards
+        hf_state = hf_model.state_dict()
+        for name, view in llama_weights(model, config.vocab_size).items():
+            view.copy_(hf_state[name])
+    return args, model.state_dict()
+
+
+def check_tokenizer(name_or_path, meta, tokenizer):
+    """End the run unless meta's data was made by the tokenizer of the model at name_or_path: GPT-2's,
+    or a trained BPE's tokenizer.json that export.py copied into the folder, which must be the data's
+    (tokenizer, its state) where the caller gives it."""
+    if meta.get('tokenizer', 'gpt2') == 'gpt2':
+        return
+    path = os.path.join(name_or_path, 'tokenizer.json')
+    if not os.path.isfile(path):
+        die(f"init_from={name_or_path} needs data prepared with the GPT-2 tokenizer, and this data's is "
+            f"{meta['tokenizer']!r}: run prepare.py with tokenizer=gpt2 into another --data_dir")
+    with open(path, encoding='utf-8') as f:
+        if tokenizer is not None and f.read() != tokenizer['json']:
+            die(f"init_from={name_or_path} has another tokenizer (its tokenizer.json) than the {meta['tokenizer']} "
+                "that made the data: prepare the data as that model's was, with the same --tokenizer and train documents")
+
+
+def cached_or_hub(name_or_path, load):
+    """load(local_files_only=True), which reads a folder, or a model from the local Hugging Face cache;
+    on a cache miss, unless offline mode is on, load() from the hub once it answers a first request
+    (unreachable, the hub's client would retry for ~30 s)."""
+    from huggingface_hub import constants, model_info
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        if os.path.isdir(name_or_path):
+            raise
+    why = 'HF_HUB_OFFLINE=1' if constants.HF_HUB_OFFLINE else None
+    if not why:
+        try:
+            model_info(name_or_path, timeout=10)
+        except Exception as e:  # the HTTP client's own errors, which differ between huggingface_hub versions
+            why = f"{type(e).__name__}: {e}".splitlines()[0]
+    if why:
+        die(f"{name_or_path} is not in the local Hugging Face cache and the hub cannot be reached ({why}): "
+            "download it once online, or give the path of a folder holding it")
+    return load()
+
+
+def load_weights(name_or_path, cls, config):
+    """The transformers model cls with config and the weights at name_or_path, or one line saying why not."""
+    from safetensors import SafetensorError
+    from transformers.utils.logging import disable_progress_bar
     disable_progress_bar()  # train.py has its own
     try:
-        hf_model = GPT2LMHeadModel.from_pretrained(name_or_path, config=config)
-    except OSError as e:
+        return cached_or_hub(name_or_path, lambda **kw: cls.from_pretrained(name_or_path, config=config, **kw))
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met more than tensors, and ran none of it
+        die(f"{name_or_path} holds its weights in a pickle (pytorch_model.bin) that holds more than tensors and could "
+            "run code when loaded: refused; use a folder with model.safetensors, such as one export.py wrote")
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         die(f"cannot load the weights of {name_or_path}: {str(e).splitlines()[0]}")
-    state = transposed({k: v.float() for k, v in hf_model.state_dict().items()})
-    state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:block_size]
-    state['lm_head.weight'] = state['transformer.wte.weight']
-    model_args = dict(n_layer=config.n_layer, n_head=config.n_head, n_embd=n_embd, block_size=block_size,
-                      bias=True, vocab_size=config.vocab_size, dropout=dropout)
-    return model_args, state
 
+
+gpt2_from_pretrained = from_pretrained  # the name train.py imports, from when only GPT-2 came in

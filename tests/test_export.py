@@ -1,12 +1,16 @@
 """Hugging Face interop as a user meets it: a transformers GPT-2 folder fine-tuned with
 train.py --init_from, exported with export.py, and loaded back with transformers: the same
 logits, the same greedy tokens as sample.py, a working pipeline, and one-line errors. Then a
-Llama-style model on a trained BPE, exported after its data is gone, as LlamaForCausalLM."""
+Llama-style model on a trained BPE, exported after its data is gone, as LlamaForCausalLM; every
+export read back by --init_from; and an export on a full disk, killed, or run twice at once."""
 import json
 import os
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +18,7 @@ import torch
 
 from common import load_model
 from tokenizer import get_tokenizer
-from conftest import ROOT, needs_tokenizer
+from conftest import ROOT, TIKTOKEN_CACHE, needs_tokenizer
 
 pytestmark = needs_tokenizer
 transformers = pytest.importorskip('transformers')
@@ -225,6 +229,49 @@ def test_init_from_gpt2_without_cache_or_hub_says_so(data, tmp_path):
     assert_error(result, 'gpt2', 'cache', 'hub')
 
 
+def test_init_from_gpt2_without_cache_answers_at_once_when_the_hub_is_unreachable(data, tmp_path):
+    # offline mode off, and a hub address that refuses at once: its client's retries would sleep 23 s
+    env = {**{k: v for k, v in ENV.items() if k != 'HF_HUB_OFFLINE'}, 'HF_HOME': str(tmp_path / 'empty-cache'),
+           'HF_ENDPOINT': 'http://127.0.0.1:9'}
+    start = time.time()
+    result = run('train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', '--init_from=gpt2', *TINY, ok=False, env=env)
+    assert_error(result, 'gpt2', 'cache', 'hub cannot be reached')
+    assert time.time() - start < 23 and 'Retrying' not in result.stderr, result.stderr
+
+
+class Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_init_from_a_folder_holding_a_pickle_refuses_it_in_one_line(data, tmp_path):
+    folder = tmp_path / 'pickled'
+    GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=64, vocab_size=50257).save_pretrained(folder)
+    with open(folder / 'pytorch_model.bin', 'wb') as f:
+        pickle.dump(Payload(str(tmp_path / 'ran')), f)
+    result = run('train.py', f'--data_dir={data}', f'--out_dir={tmp_path / "out"}', f'--init_from={folder}', *TINY, ok=False)
+    assert_error(result, str(folder), 'pickle', 'model.safetensors')
+    assert not os.path.exists(tmp_path / 'ran')
+
+
+@pytest.mark.parametrize('options', [
+    dict(tie_embeddings=False),
+    {**LLAMA, 'tie_embeddings': False, 'bias': True, 'rope_theta': 500.0},
+])
+def test_init_from_an_export_gives_its_logits(data, tmp_path, options):
+    args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257, dropout=0.0, **options)
+    model = save_checkpoint(tmp_path / 'ckpt.pt', **args)
+    run('export.py', f'--ckpt={tmp_path}/ckpt.pt', f'--export_dir={tmp_path}/hf')
+    run('train.py', f'--data_dir={data}', f'--out_dir={tmp_path}/out', f'--init_from={tmp_path}/hf', '--max_iters=0', *TINY)
+    loaded, ckpt = load_model(os.path.join(tmp_path, 'out', 'last.pt'))
+    assert {k: ckpt['model_args'].get(k, getattr(GPTConfig, k)) for k in options} == options
+    idx = torch.randint(50257, (2, 32), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(our_logits(loaded, idx), our_logits(model.eval(), idx), atol=1e-5, rtol=0)
+
+
 def test_init_from_a_folder_without_a_transformers_model_says_so(data, tmp_path):
     result = run('train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', f'--init_from={tmp_path}', *TINY, ok=False)
     assert_error(result, 'no config.json', 'best.pt')
@@ -300,3 +347,92 @@ def test_a_trained_bpe_loads_with_autotokenizer_and_encodes_as_ours(llama):
     assert tok(text)['input_ids'] == enc.encode(text, allowed_special='all') and enc.eot_token in tok(text)['input_ids']
     assert tok.decode(tok(text)['input_ids']) == text
     assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id, tok.model_max_length) == (299, 299, 299, 32)
+
+
+def test_init_from_a_bpe_export_needs_the_datas_own_tokenizer(llama):
+    import hf
+    import tokenizer
+    out, export_dir, enc = llama
+    model, ckpt = load_model(os.path.join(out, 'best.pt'))
+    meta = tokenizer.meta_fields(enc)
+    args, state = hf.from_pretrained(export_dir, meta, 32, 0.0, ckpt['tokenizer'])
+    loaded = GPT(GPTConfig(**args))
+    loaded.load_state_dict(state)
+    idx = torch.randint(300, (2, 32), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(our_logits(loaded.eval(), idx), our_logits(model, idx), atol=1e-5, rtol=0)
+    other = {'name': 'bpe:300', 'json': tokenizer.train_bpe([TEXT] * 5, 300)}  # the same name, trained on other text
+    with pytest.raises(SystemExit, match=r'has another tokenizer \(its tokenizer.json\) than the bpe:300 that made the data'):
+        hf.from_pretrained(export_dir, meta, 32, 0.0, other)
+
+
+# ---------------------------------------------------------------------------- litter, full disks, two exports at once
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    save_checkpoint(tmp_path / 'ckpt.pt', n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50257)
+    return f'--ckpt={tmp_path}/ckpt.pt'
+
+
+@pytest.mark.parametrize('size', ['1m', '8m'])  # the weights (6.5 MB) do not fit; they do, the tokenizer does not
+def test_export_onto_a_full_disk_says_so_and_leaves_nothing(tmp_path, checkpoint, size):
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(disk)], capture_output=True).returncode:
+        pytest.skip('cannot mount a tmpfs here (needs root)')
+    try:
+        result = run('export.py', checkpoint, f'--export_dir={disk}/hf', ok=False)
+        assert_error(result, f'{disk}/hf', 'No space left on device', 'make room')
+        assert os.listdir(disk) == []
+    finally:
+        subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_a_gpt2_export_leaves_the_tiktoken_cache_as_it_was(tmp_path, checkpoint):
+    cache = tmp_path / 'tiktoken-cache'
+    shutil.copytree(os.environ.get('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE), cache)
+    before = sorted(os.listdir(cache))
+    run('export.py', checkpoint, f'--export_dir={tmp_path}/hf', env={**ENV, 'TIKTOKEN_CACHE_DIR': str(cache)})
+    assert sorted(os.listdir(cache)) == before
+
+
+def test_the_next_export_removes_what_a_killed_one_left(tmp_path, checkpoint):
+    export = subprocess.Popen([sys.executable, 'export.py', checkpoint, f'--export_dir={tmp_path}/hf'], cwd=ROOT, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    half = tmp_path / f'.hf.tmp{export.pid}'
+    while not (half / 'model.safetensors').exists():  # then GPT-2's tokenizer takes it a second to build
+        assert export.poll() is None, 'the export ended before it could be killed'
+        time.sleep(0.005)
+    export.send_signal(signal.SIGKILL)
+    export.wait()
+    assert half.is_dir()
+    result = run('export.py', checkpoint, f'--export_dir={tmp_path}/hf')
+    assert str(half) in result.stderr
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith('.hf')) == []
+    assert 'model.safetensors' in os.listdir(tmp_path / 'hf')
+
+
+def test_a_second_export_into_one_folder_names_the_first(tmp_path, checkpoint):
+    holder = subprocess.Popen([sys.executable, '-c', f'from common import lock_folder; lock_folder({str(tmp_path / "hf")!r}, '
+                               '""); print(flush=True); input()'], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        holder.stdout.readline()  # it holds the lock
+        result = run('export.py', checkpoint, f'--export_dir={tmp_path}/hf', ok=False)
+        assert_error(result, f'in use by process {holder.pid}', 'choose another --export_dir')
+        assert not os.path.exists(tmp_path / 'hf')
+    finally:
+        holder.communicate(b'\n')
+
+
+@pytest.mark.parametrize('started_from, says', [
+    (None, 'in more than one run (resumed), from a start its checkpoint does not record'),
+    ('gpt2', 'Fine-tuned from gpt2 with'),
+])
+def test_the_model_card_of_a_resumed_run_says_where_it_started(tmp_path, checkpoint, started_from, says):
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    ckpt['config'] = {'init_from': 'resume'}
+    if started_from:
+        ckpt['started_from'] = started_from
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    run('export.py', checkpoint, f'--export_dir={tmp_path}/hf')
+    card = open(tmp_path / 'hf' / 'README.md').read()
+    assert says in card and 'from resume' not in card
