@@ -184,9 +184,9 @@ def gpt2_tokenizer_json(enc):
     return bpe.to_str(pretty=True)
 
 
-def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer=None):
+def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer):
     """model_args and model.py's state_dict for a transformers model, to fine-tune on meta's data
-    (made by `tokenizer`, a tokenizer state, where the caller knows it): OpenAI's GPT-2 by name (gpt2,
+    (made by `tokenizer`, a tokenizer state): OpenAI's GPT-2 by name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl: from the local Hugging Face cache, else the hub), or a folder
     holding a GPT-2 or a Llama as export.py writes them; its context cropped to block_size."""
     from model import GPT, GPTConfig
@@ -262,7 +262,7 @@ def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer=None):
 def check_tokenizer(name_or_path, meta, tokenizer):
     """End the run unless meta's data was made by the tokenizer of the model at name_or_path: GPT-2's,
     or a trained BPE's tokenizer.json that export.py copied into the folder, which must be the data's
-    (tokenizer, its state) where the caller gives it."""
+    (tokenizer, its state)."""
     if meta.get('tokenizer', 'gpt2') == 'gpt2':
         return
     path = os.path.join(name_or_path, 'tokenizer.json')
@@ -270,7 +270,7 @@ def check_tokenizer(name_or_path, meta, tokenizer):
         die(f"init_from={name_or_path} needs data prepared with the GPT-2 tokenizer, and this data's is "
             f"{meta['tokenizer']!r}: run prepare.py with tokenizer=gpt2 into another --data_dir")
     with open(path, encoding='utf-8') as f:
-        if tokenizer is not None and f.read() != tokenizer['json']:
+        if f.read() != tokenizer['json']:
             die(f"init_from={name_or_path} has another tokenizer (its tokenizer.json) than the {meta['tokenizer']} "
                 "that made the data: prepare the data as that model's was, with the same --tokenizer and train documents")
 
@@ -310,5 +310,3 @@ def load_weights(name_or_path, cls, config):
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:
         die(f"cannot load the weights of {name_or_path}: {str(e).splitlines()[0]}")
 
-
-gpt2_from_pretrained = from_pretrained  # the name train.py imports, from when only GPT-2 came in

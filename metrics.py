@@ -3,7 +3,10 @@ The records of a training run in its out_dir, which train.py's master process wr
 metrics.jsonl, one JSON object a line (a step's loss, lr, ms_per_iter, tokens_per_s and mfu, or an
 evaluation's train_loss, val_loss and lr, each with its iter), loss.png drawn from it after each
 evaluation, and the same rows in TensorBoard (out_dir/tensorboard) and Weights & Biases when asked.
+A failed write (a full disk) does not stop the training: its rows wait for the next write that
+succeeds, and loss.png is drawn again at the next evaluation.
 """
+import contextlib
 import json
 import os
 
@@ -11,7 +14,7 @@ import matplotlib
 matplotlib.use('Agg')  # draw into files; no display needed
 import matplotlib.pyplot as plt
 
-from common import atomic_output, die
+from common import atomic_output, die, log
 
 
 class MetricsLog:
@@ -21,6 +24,7 @@ class MetricsLog:
         """Fails at once, before any training, when TensorBoard or W&B is asked for but not installed."""
         self.out_dir, self.path = out_dir, os.path.join(out_dir, 'metrics.jsonl')
         self.tb_writer = self.wandb = None
+        self.unwritten, self.failing = [], set()  # rows not in metrics.jsonl yet; files whose last write failed
         if tensorboard_log:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,16 +42,32 @@ class MetricsLog:
     def start(self, resumed_at=None):
         """A run resumed at iter resumed_at redoes the steps logged after its checkpoint; any other
         run starts a new log."""
-        kept = []
+        lines = []
         if resumed_at is not None and os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.endswith('\n') and json.loads(line)['iter'] <= resumed_at]
-        with open(self.path, 'w') as f:
-            f.writelines(kept)
+                lines = f.readlines()
+        kept = [line for line in lines if line.endswith('\n') and json.loads(line)['iter'] <= resumed_at]
+        if lines and kept == lines:
+            return  # the log ends where the checkpoint does: appending needs no room for a copy
+        try:
+            with atomic_output(self.path) as tmp, open(tmp, 'w') as f:
+                f.writelines(kept)
+        except OSError as e:
+            die(f"cannot write {self.path}: {e.strerror or e} (disk full?): make room, then run again")
 
     def record(self, **row):
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
+        self.unwritten.append(json.dumps(row) + '\n')
+        size = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, 'a') as f:
+                f.writelines(self.unwritten)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)  # no half row: the next write goes on from a whole one
+            self._failed(self.path, e)
+        else:
+            self.unwritten = []
+            self.failing.discard(self.path)
         if self.tb_writer:
             for key, value in row.items():
                 self.tb_writer.add_scalar(key, value, row['iter'])
@@ -66,6 +86,19 @@ class MetricsLog:
         ax.set(xlabel='iteration', ylabel='loss', title=self.out_dir)
         ax.grid(alpha=0.3)
         ax.legend()
-        with atomic_output(os.path.join(self.out_dir, 'loss.png')) as tmp:
-            fig.savefig(tmp, format='png', dpi=100)
-        plt.close(fig)
+        path = os.path.join(self.out_dir, 'loss.png')
+        try:
+            with atomic_output(path) as tmp:
+                fig.savefig(tmp, format='png', dpi=100)
+            self.failing.discard(path)
+        except OSError as e:
+            self._failed(path, e)
+        finally:
+            plt.close(fig)
+
+    def _failed(self, path, e):
+        """One line for a file that cannot be written, and none more until a write of it succeeds again."""
+        if path not in self.failing:
+            log(f"warning: cannot write {path}: {e.strerror or e} (disk full?); training goes on, and it is written "
+                "once there is room")
+        self.failing.add(path)

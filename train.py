@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import (NANOGPT_ARGS, atomic_output, autocast, checkpoint_config, die, get_device, get_dtype, keep_freed_memory,
-                    load_checkpoint, log, open_split, read_meta, remove_stale_temps)
+                    load_checkpoint, lock_folder, log, open_split, read_meta, remove_stale_temps)
 from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
@@ -72,13 +72,14 @@ beta1 = 0.9  # in [0, 1)
 beta2 = 0.99  # in [0, 1); a little above GPT-2's 0.95: steps of a few thousand tokens are noisy
 grad_clip = 1.0  # clip the gradient norm to this (>= 0; 0 = no clipping)
 optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the matrices inside the blocks, AdamW for the rest
-muon_learning_rate = 1e-3  # Muon's peak learning rate (> 0), on AdamW's scale (match_rms_adamw); scheduled like learning_rate
+# Muon's peak learning rate (> 0; None: learning_rate), on AdamW's scale (match_rms_adamw); scheduled like learning_rate
+muon_learning_rate: float | None = None
 muon_momentum = 0.95  # Muon's (Nesterov) momentum, in [0, 1)
 # learning rate schedule: linear warmup, then cosine decay
 decay_lr = True  # False keeps learning_rate throughout
 warmup_iters = 200  # >= 0
-lr_decay_iters = 5000  # about max_iters; >= warmup_iters
-min_lr = 1e-4  # about learning_rate / 10 (>= 0)
+lr_decay_iters: int | None = None  # where the cosine ends (>= warmup_iters); None: max_iters
+min_lr: float | None = None  # the learning rate it ends at (>= 0); None: learning_rate / 10
 # system
 device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bf16 where fast, fp16 on GPUs without bf16, else fp32), 'float32', 'bfloat16', 'float16'
@@ -88,6 +89,13 @@ seed = 1337
 peak_flops = 0.0  # the MFU's denominator in FLOP/s (>= 0); 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+# settings that follow others, derived after every override: config/cpu.py --max_iters=40 decays over 40 steps
+if lr_decay_iters is None:
+    lr_decay_iters = config['lr_decay_iters'] = max(max_iters, warmup_iters)
+if min_lr is None:
+    min_lr = config['min_lr'] = learning_rate / 10
+if muon_learning_rate is None:
+    muon_learning_rate = config['muon_learning_rate'] = learning_rate
 # every setting's range, before anything is read or written: the training settings' here, the model's in GPTConfig
 for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'patience >= 0', 'batch_size >= 1',
              'gradient_accumulation_steps >= 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
@@ -129,6 +137,16 @@ keep_freed_memory(device_type)
 torch.manual_seed(seed + rank)  # each process draws its own batches
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
+if not all(os.path.isfile(os.path.join(data_dir, name)) for name in ('meta.json', 'train.bin', 'validation.bin')):
+    # the command that makes this data_dir, in the tokenizer the run needs: a checkpoint's own, or the
+    # bpe:N that a name like run.sh's data/sample-bpe4096 asks for (GPT-2's, prepare.py's default, otherwise)
+    ckpt = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
+    bpe = re.search(r'bpe(\d+)', os.path.basename(os.path.normpath(data_dir)))
+    tok = (f' --tokenizer={ckpt}' if init_from != 'scratch' and os.path.isfile(ckpt) else
+           f' --tokenizer=bpe:{bpe[1]}' if bpe and init_from == 'scratch' else '')
+    die(f"no prepared data in {data_dir} (meta.json, train.bin, validation.bin): make it with "
+        f"`python prepare.py{tok} --data_dir={data_dir}` (TinyStories from the Hugging Face hub; "
+        "--source=FILES for your own text)")
 meta = read_meta(data_dir)
 tokenizer = data_tokenizer(data_dir, meta)  # stored in every checkpoint: sample.py and eval.py need no data_dir
 data_dtype = np.dtype(meta['dtype'])
@@ -139,12 +157,14 @@ for split in ('train', 'validation'):
             "use a smaller --block_size or more data")
 model_config = replace(model_config, vocab_size=meta['vocab_size'])
 
-if master_process:
+if master_process and not eval_only:
     try:
         os.makedirs(out_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()  # fail now, not at the first checkpoint
     except OSError as e:
         die(f"cannot write to out_dir {out_dir}: {e.strerror or e} (choose another --out_dir)")
+    # before anything lands in out_dir: two runs into one would mix their metrics.jsonl and checkpoints
+    lock_folder(out_dir, "choose another --out_dir")
     remove_stale_temps(out_dir)  # a kill -9 mid-write leaves a checkpoint-sized NAME.tmpPID
     metrics_log = MetricsLog(out_dir, tensorboard_log, wandb_log, wandb_project, wandb_run_name, config)
 
@@ -163,19 +183,23 @@ def get_batch(split):
     return x.to(device), y.to(device)
 
 
+started_from = init_from  # for the model card; a resume keeps its first run's
 if init_from == 'scratch':
     model = GPT(model_config)
 elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.isdir(init_from):
-    from hf import gpt2_from_pretrained  # needs transformers, which only this path imports
-    hf_args, state_dict = gpt2_from_pretrained(init_from, meta, block_size, dropout)
+    from hf import from_pretrained  # needs transformers, which only this path imports
+    hf_args, state_dict = from_pretrained(init_from, meta, block_size, dropout, tokenizer)
     model = GPT(GPTConfig(**hf_args))
     model.load_state_dict(state_dict)
 else:
     ckpt_path = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
     if not os.path.isfile(ckpt_path):
-        die(f"init_from=resume but there is no {ckpt_path} (train first, or check --out_dir)" if init_from == 'resume'
+        die(f"init_from=resume but there is no {ckpt_path}: start the run without --init_from=resume, or check "
+            "--out_dir" if init_from == 'resume'
             else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
     checkpoint = load_checkpoint(ckpt_path, device)
+    if init_from == 'resume':
+        started_from = checkpoint.get('started_from') or (checkpoint.get('config') or {}).get('init_from', 'scratch')
     check_same(tokenizer, checkpoint_tokenizer(checkpoint), data_dir, ckpt_path)
     saved = checkpoint_config(checkpoint, ckpt_path, model_config, resume=init_from == 'resume')
     if init_from == 'resume' and checkpoint['config'].get('optimizer', 'adamw') != optimizer:
@@ -218,6 +242,15 @@ if init_from == 'resume':
             log(f"warning: {ckpt_path} holds the random states of {len(rngs)} processes, not {world_size}: "
                 "each process starts a fresh stream, so this run will not repeat the batches of one that never stopped")
         torch.manual_seed(seed + rank + iter_num)  # distinct, and not the streams of the first steps again
+    if not eval_only:
+        if master_process:
+            log(f"resumed from iter {iter_num} of {max_iters}" if iter_num < max_iters else
+                f"{ckpt_path} is at iter {iter_num}, so max_iters={max_iters} is already reached and there is nothing "
+                f"to train: to train further, raise --max_iters above {iter_num}")
+        if iter_num >= max_iters:
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(0)
 checkpoint = None  # free its memory
 
 raw_model = model  # the bare model: its state_dict has no compile or DDP prefixes
@@ -285,17 +318,22 @@ def save_checkpoint(names):
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
+        'started_from': started_from,
         'optimizer': optimizer.state_dict(),
         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
         'rng': rngs,  # rank by rank
     }
     for name in names:
         try:
-            with atomic_output(os.path.join(out_dir, name)) as tmp:  # a kill mid-write keeps the old file
-                torch.save(checkpoint, tmp)
-        except OSError as e:
-            die(f"cannot save {out_dir}/{name} at iter {iter_num}: {e.strerror or e} (disk full?); it keeps its "
-                "previous version: make room, then continue with --init_from=resume")
+            # a kill mid-write keeps the old file; and through a file of ours, a failed write's OSError
+            # (No space left on device) reaches us, as the context of the RuntimeError torch.save makes of it
+            with atomic_output(os.path.join(out_dir, name)) as tmp, open(tmp, 'wb') as f:
+                torch.save(checkpoint, f)
+        except (OSError, RuntimeError) as e:
+            why = next((x for x in (e, e.__context__) if isinstance(x, OSError)), e)
+            reason = getattr(why, 'strerror', None) or str(why).split('\n')[0]
+            die(f"cannot save {out_dir}/{name} at iter {iter_num}: {reason} (disk full?); it keeps its previous "
+                "version: make room, then continue with --init_from=resume")
 
 
 stop_signal = 0
@@ -313,9 +351,12 @@ signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
 if master_process:
-    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step ({world_size} processes "
-        f"x {gradient_accumulation_steps} micro-step{'s' * (gradient_accumulation_steps > 1)} x {batch_size} x "
-        f"{block_size} tokens), {world_size} x {device}, {dtype}")
+    log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step ({world_size} process"
+        f"{'es' * (world_size > 1)} x {gradient_accumulation_steps} micro-step{'s' * (gradient_accumulation_steps > 1)} x "
+        f"{batch_size} x {block_size} tokens), {world_size} x {device}, {dtype}")
+    if decay_lr and 0 < max_iters <= warmup_iters:
+        log(f"warning: warmup_iters={warmup_iters} is not below max_iters={max_iters}: the learning rate only warms up "
+            "(give a smaller --warmup_iters)")
 run_start = time.time()
 bar = tqdm(total=max_iters, initial=iter_num, unit='step', disable=None if master_process else True)
 resumed_at = iter_num if init_from == 'resume' else -1  # its checkpoint was saved after that step's evaluation

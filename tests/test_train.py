@@ -63,6 +63,12 @@ def assert_error(run, hint):
     assert run.stderr.strip().splitlines()[-1].startswith('error: ') and hint in run.stderr, run.stderr
 
 
+@pytest.fixture
+def out(tmp_path):
+    """A run's out_dir inside the test's own folder, where its lock (.out.lock, beside it) lands too."""
+    return tmp_path / 'out'
+
+
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp('data'), cycles(20000, 0), cycles(4000, 1))
@@ -70,7 +76,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def trained(data, tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp('out'))
+    out_dir = str(tmp_path_factory.mktemp('trained') / 'out')
     train(data, out_dir, '--max_iters=30', '--eval_interval=10', '--lr_decay_iters=30', '--dropout=0.1')
     return out_dir
 
@@ -87,8 +93,8 @@ def test_a_run_writes_checkpoints_metrics_and_plot_and_learns(trained):
     assert len(steps) == 30 and {'lr', 'ms_per_iter', 'tokens_per_s', 'mfu'} <= set(steps[0])
 
     ckpt = load_checkpoint(os.path.join(trained, 'last.pt'))  # torch.load(weights_only=True)
-    assert set(ckpt) == {'model', 'model_args', 'iter_num', 'best_val_loss', 'config', 'optimizer', 'scaler', 'rng',
-                         'tokenizer'}
+    assert set(ckpt) == {'model', 'model_args', 'iter_num', 'best_val_loss', 'config', 'started_from', 'optimizer',
+                         'scaler', 'rng', 'tokenizer'}
     assert ckpt['iter_num'] == 30 and ckpt['scaler'] is None and ckpt['tokenizer'] == {'name': 'gpt2', 'json': None}
     assert ckpt['best_val_loss'] == pytest.approx(min(r['val_loss'] for r in evals))
     assert ckpt['model_args'] == dict(n_layer=2, n_head=2, n_embd=32, block_size=16, bias=True, vocab_size=VOCAB,
@@ -100,7 +106,7 @@ def test_a_run_writes_checkpoints_metrics_and_plot_and_learns(trained):
 
 
 
-def test_learning_rate_schedule(data, trained, tmp_path):
+def test_learning_rate_schedule(data, trained, out):
     """Linear warmup to learning_rate, cosine down to min_lr at lr_decay_iters, then min_lr: values by hand.
     A step row of metrics.jsonl at iter k logs the lr of step k - 1; an evaluation row, that of step k."""
     step_lr = {r['iter'] - 1: r['lr'] for r in metrics(trained) if 'loss' in r}
@@ -108,17 +114,41 @@ def test_learning_rate_schedule(data, trained, tmp_path):
     assert [step_lr[0], step_lr[1], step_lr[2]] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])
     assert step_lr[16] == pytest.approx(1e-3 + 0.5 * 9e-3)
     assert step_lr[9] == pytest.approx(1e-3 + 9e-3 * (1 + np.cos(np.pi * 7 / 28)) / 2)
-    train(data, tmp_path, '--max_iters=7', '--eval_interval=100', '--warmup_iters=0', '--lr_decay_iters=4')
-    lrs = [r['lr'] for r in metrics(tmp_path) if 'loss' in r]
+    train(data, out, '--max_iters=7', '--eval_interval=100', '--warmup_iters=0', '--lr_decay_iters=4')
+    lrs = [r['lr'] for r in metrics(out) if 'loss' in r]
     assert lrs == pytest.approx([1e-2, 1e-3 + 9e-3 * (1 + np.cos(np.pi / 4)) / 2, 5.5e-3,
                                  1e-3 + 9e-3 * (1 + np.cos(3 * np.pi / 4)) / 2, 1e-3, 1e-3, 1e-3])  # the floor past 4
+
+def test_derived_settings_follow_overrides(data, out):
+    """lr_decay_iters, min_lr and muon_learning_rate left unset follow max_iters and learning_rate as given
+    last: config/cpu.py --max_iters=6 --learning_rate=1e-2 decays over 6 steps to 1e-3, Muon's rate too."""
+    args = [a for a in TINY if not a.startswith('--min_lr')]
+    run = subprocess.run([sys.executable, 'train.py', 'config/cpu.py', f'--data_dir={data}', f'--out_dir={out}', *args,
+                          '--max_iters=6', '--eval_interval=6', '--learning_rate=1e-2'],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    ckpt = load_checkpoint(out / 'last.pt')
+    assert {k: ckpt['config'][k] for k in ('lr_decay_iters', 'min_lr', 'muon_learning_rate')} == dict(
+        lr_decay_iters=6, min_lr=pytest.approx(1e-3), muon_learning_rate=1e-2)
+    last = metrics(out)[-1]
+    assert last['iter'] == 6 and last['lr'] == pytest.approx(1e-3)
+    groups = [g for opt in ('muon', 'adamw') for g in ckpt['optimizer'][opt]['param_groups']]
+    assert [g['lr'] for g in groups] == pytest.approx([1e-3] * len(groups))  # every group at the end of its decay
+
+
+def test_the_log_counts_processes_and_warns_of_a_run_that_only_warms_up(data, out):
+    run = train(data, out, '--max_iters=2', '--warmup_iters=5')
+    assert '(1 process x 1 micro-step x 8 x 16 tokens)' in run.stderr
+    assert 'warning: warmup_iters=5 is not below max_iters=2: the learning rate only warms up' in run.stderr
+
 
 def test_resume_is_exact(data, tmp_path):
     # dropout and accumulation exercise the random state and the optimizer state in the checkpoint
     args = ['--eval_interval=4', '--lr_decay_iters=16', '--dropout=0.2', '--gradient_accumulation_steps=2']
     train(data, tmp_path / 'straight', '--max_iters=16', *args)
     train(data, tmp_path / 'halves', '--max_iters=8', *args)
-    train(data, tmp_path / 'halves', '--max_iters=16', '--init_from=resume', *args)
+    run = train(data, tmp_path / 'halves', '--max_iters=16', '--init_from=resume', *args)
+    assert 'resumed from iter 8 of 16' in run.stderr
     straight = load_checkpoint(tmp_path / 'straight' / 'last.pt')
     halves = load_checkpoint(tmp_path / 'halves' / 'last.pt')
     assert halves['iter_num'] == 16
@@ -131,13 +161,13 @@ def test_resume_is_exact(data, tmp_path):
     assert losses(tmp_path / 'straight') == losses(tmp_path / 'halves')  # the log continues where last.pt left off
 
 
-def test_finetune_from_a_checkpoint_with_a_shorter_block(data, trained, tmp_path):
-    train(data, tmp_path, f'--init_from={trained}/best.pt', '--block_size=8', '--max_iters=4', '--eval_interval=2',
+def test_finetune_from_a_checkpoint_with_a_shorter_block(data, trained, out):
+    train(data, out, f'--init_from={trained}/best.pt', '--block_size=8', '--max_iters=4', '--eval_interval=2',
           '--learning_rate=1e-3')
-    ckpt = load_checkpoint(tmp_path / 'last.pt')
+    ckpt = load_checkpoint(out / 'last.pt')
     assert ckpt['iter_num'] == 4 and ckpt['model_args']['block_size'] == 8
     assert ckpt['model']['transformer.wpe.weight'].shape == (8, 32)
-    first = metrics(tmp_path)[0]
+    first = metrics(out)[0]
     assert first['iter'] == 0 and first['val_loss'] < 0.6 * np.log(VOCAB)  # starts from the trained weights
 
 
@@ -152,9 +182,10 @@ def test_a_new_run_never_overwrites_a_trained_model(data, trained, tmp_path):
         for way in ('--init_from=resume', 'another --out_dir', '--overwrite=True'):
             assert way in run.stderr
         assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == before
-    # what a second `bash run.sh` does: resume, and a finished run ends at once, changing nothing
+    # what a second `bash run.sh` does: resume, and a finished run ends at once, changing nothing, and says why
     run = train(data, out_dir, '--max_iters=30', '--init_from=resume', '--eval_interval=10', '--lr_decay_iters=30')
-    assert 'stopped at iter 30' in run.stderr
+    assert 'last.pt is at iter 30, so max_iters=30 is already reached and there is nothing to train' in run.stderr
+    assert 'to train further, raise --max_iters above 30' in run.stderr
     assert {name: (out_dir / name).read_bytes() for name in os.listdir(out_dir)} == before
     train(data, out_dir, '--max_iters=2', '--overwrite=True')
     assert load_checkpoint(out_dir / 'last.pt')['iter_num'] == 2
@@ -166,8 +197,8 @@ def test_eval_only_prints_the_losses_and_writes_nothing(data, trained, tmp_path)
     assert os.listdir(tmp_path) == []
 
 
-def test_a_checkpoint_of_another_shape_is_an_error(data, trained, tmp_path):
-    run = train(data, tmp_path, f'--init_from={trained}/last.pt', '--n_embd=64', ok=False)
+def test_a_checkpoint_of_another_shape_is_an_error(data, trained, out):
+    run = train(data, out, f'--init_from={trained}/last.pt', '--n_embd=64', ok=False)
     assert_error(run, 'n_embd=32 (the config says 64)')
     run = train(data, trained, '--init_from=resume', '--n_layer=3', ok=False)
     assert_error(run, 'n_layer=2 (the config says 3)')
@@ -183,8 +214,8 @@ def test_early_stopping(tmp_path):
     assert load_checkpoint(tmp_path / 'out' / 'last.pt')['iter_num'] == evals[-1]['iter']
 
 
-def test_sigterm_finishes_the_step_saves_and_exits(data, tmp_path):
-    cmd = [sys.executable, 'train.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY, '--max_iters=100000',
+def test_sigterm_finishes_the_step_saves_and_exits(data, out):
+    cmd = [sys.executable, 'train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY, '--max_iters=100000',
            '--eval_interval=100000', '--lr_decay_iters=100000']
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     try:
@@ -193,14 +224,15 @@ def test_sigterm_finishes_the_step_saves_and_exits(data, tmp_path):
         proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 128 + signal.SIGTERM, rest
-    ckpt = load_checkpoint(tmp_path / 'last.pt')
+    ckpt = load_checkpoint(out / 'last.pt')
     assert 3 <= ckpt['iter_num'] < 100  # saved at the signal, not at the evaluation of iter 0
-    train(data, tmp_path, '--init_from=resume', f"--max_iters={ckpt['iter_num'] + 2}", '--lr_decay_iters=100000')
+    train(data, out, '--init_from=resume', f"--max_iters={ckpt['iter_num'] + 2}", '--lr_decay_iters=100000')
 
 
 
 # train.py with its checkpoint writes hooked: HOOK=kill-after-N dies as kill -9 would once N checkpoints are
-# in place, HOOK=kill-in-N dies halfway through writing the Nth, HOOK=full-in-N finds the disk full there
+# in place, HOOK=kill-in-N dies halfway through writing the Nth, HOOK=full-in-N finds the disk full there (and
+# raises as torch.save does then: a RuntimeError, the OSError its context)
 HOOKED = """
 import contextlib, errno, os, runpy, sys
 import common, torch
@@ -215,14 +247,17 @@ def hooked_output(path):
     if hook == 'kill-after' and len(saved) == int(n):
         os._exit(137)
 
-def hooked_save(obj, path):
+def hooked_save(obj, f):
     if len(saved) + 1 == int(n) and hook in ('kill-in', 'full-in'):
-        with open(path, 'wb') as f:
-            f.write(b'half a checkpoint')
+        f.write(b'half a checkpoint')
+        f.flush()
         if hook == 'kill-in':
             os._exit(137)
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    torch_save(obj, path)
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    torch_save(obj, f)
 
 common.atomic_output, torch_save, torch.save = hooked_output, torch.save, hooked_save
 sys.argv = sys.argv[1:]
@@ -235,33 +270,102 @@ def hooked_train(hook, data_dir, out_dir, *args):
     return subprocess.run(cmd, cwd=ROOT, env={**ENV, 'HOOK': hook}, capture_output=True, text=True, timeout=120)
 
 
-def test_a_kill_between_checkpoint_writes_never_leaves_best_pt_behind_last_pt(data, tmp_path):
+def test_a_kill_between_checkpoint_writes_never_leaves_best_pt_behind_last_pt(data, out):
     # evaluations at 0 and 5 both improve and write two checkpoints each; die after the third write
-    run = hooked_train('kill-after-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+    run = hooked_train('kill-after-3', data, out, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
     assert run.returncode == 137, run.stderr
-    best, last = load_checkpoint(tmp_path / 'best.pt'), load_checkpoint(tmp_path / 'last.pt')
+    best, last = load_checkpoint(out / 'best.pt'), load_checkpoint(out / 'last.pt')
     assert best['iter_num'] == 5 and last['iter_num'] == 0
     assert best['best_val_loss'] <= last['best_val_loss']  # the best model is never older than last.pt's record
 
 
-def test_files_a_kill_left_half_written_are_removed_at_the_next_start(data, tmp_path):
-    run = hooked_train('kill-in-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+def test_files_a_kill_left_half_written_are_removed_at_the_next_start(data, out):
+    run = hooked_train('kill-in-3', data, out, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
     assert run.returncode == 137, run.stderr
-    stale = [name for name in os.listdir(tmp_path) if '.pt.tmp' in name]
+    stale = [name for name in os.listdir(out) if '.pt.tmp' in name]
     assert len(stale) == 1
-    live = tmp_path / f'last.pt.tmp{os.getpid()}'  # a process still writing it: left alone
+    live = out / f'last.pt.tmp{os.getpid()}'  # a process still writing it: left alone
     live.write_bytes(b'')
-    run = train(data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10', '--init_from=resume')
-    assert f'removed {os.path.join(tmp_path, stale[0])}' in run.stderr
-    assert sorted(n for n in os.listdir(tmp_path) if '.tmp' in n) == [live.name]
+    run = train(data, out, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10', '--init_from=resume')
+    assert f'removed {os.path.join(out, stale[0])}' in run.stderr
+    assert sorted(n for n in os.listdir(out) if '.tmp' in n) == [live.name]
 
 
-def test_a_full_disk_while_saving_keeps_the_old_checkpoint(data, tmp_path):
-    run = hooked_train('full-in-3', data, tmp_path, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
+def test_a_full_disk_while_saving_keeps_the_old_checkpoint(data, out):
+    run = hooked_train('full-in-3', data, out, '--max_iters=10', '--eval_interval=5', '--lr_decay_iters=10')
     assert_error(run, 'No space left on device')
     assert 'keeps its previous version' in run.stderr
-    assert load_checkpoint(tmp_path / 'last.pt')['iter_num'] == 0
-    assert not [name for name in os.listdir(tmp_path) if '.tmp' in name]
+    assert load_checkpoint(out / 'last.pt')['iter_num'] == 0
+    assert not [name for name in os.listdir(out) if '.tmp' in name]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB filesystem (a tmpfs), unmounted after the test: a full disk as a user meets one."""
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    mount = shutil.which('mount') and subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', str(disk)],
+                                                     capture_output=True, text=True)
+    if not mount or mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip() if mount else 'no mount command'}")
+    yield disk
+    subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_a_real_full_disk_keeps_training_then_stops_at_the_checkpoint_keeping_the_old_one(data, small_disk):
+    out = small_disk / 'out'
+    train(data, out, '--max_iters=4', '--eval_interval=4')
+    before = {name: (out / name).read_bytes() for name in ('last.pt', 'metrics.jsonl')}
+    fd = os.open(small_disk / 'filler', os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError, match='No space left on device'):
+        while True:
+            os.write(fd, bytes(1 << 16))
+    os.close(fd)
+    # metrics.jsonl's last page has room for a few rows, not for 36 more
+    run = train(data, out, '--max_iters=40', '--eval_interval=40', '--init_from=resume', ok=False)
+    # one line for each file it could not write, and it trains on to the checkpoint, which it cannot save
+    assert run.stderr.count(f'warning: cannot write {out}/metrics.jsonl: No space left on device') == 1
+    assert f'warning: cannot write {out}/loss.png: No space left on device' in run.stderr
+    assert_error(run, 'at iter 40: No space left on device (disk full?); it keeps its previous version')
+    assert (out / 'last.pt').read_bytes() == before['last.pt']
+    log = (out / 'metrics.jsonl').read_text()
+    assert log.startswith(before['metrics.jsonl'].decode()) and log.endswith('\n')  # whole rows only
+    assert [json.loads(row)['iter'] for row in log.splitlines()][-1] < 40
+    assert not [name for name in os.listdir(out) if '.tmp' in name]
+
+
+def test_one_run_per_out_dir(data, out):
+    cmd = [sys.executable, 'train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY, '--max_iters=100000',
+           '--eval_interval=100000']
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        assert any(line.startswith('iter 1:') for line in first.stderr)  # training, so holding the lock
+        run = train(data, out, '--max_iters=2', '--overwrite=True', ok=False)
+        assert_error(run, f'{out} is in use by process {first.pid} (train.py --data_dir={data}')
+        assert 'wait for it to end, or choose another --out_dir' in run.stderr
+    finally:
+        first.kill()  # as kill -9: its lock file stays behind, naming it
+        first.communicate(timeout=60)
+    assert f'process {first.pid}' in (out.parent / '.out.lock').read_text()
+    train(data, out, '--max_iters=2', '--init_from=resume')  # the kernel dropped the dead run's lock: taken over
+    assert load_checkpoint(out / 'last.pt')['iter_num'] == 2
+
+
+def test_missing_data_names_the_prepare_command_that_makes_it(tmp_path):
+    data = tmp_path / 'stories-bpe300'  # the tokenizer the name asks for, as run.sh's data/sample-bpe4096
+    args = ['--max_iters=2', '--eval_interval=2']
+    run = train(data, tmp_path / 'out', *args, ok=False)
+    hint = f'python prepare.py --tokenizer=bpe:300 --data_dir={data}'
+    assert_error(run, f'make it with `{hint}`')
+    rng = np.random.default_rng(0)
+    words = [''.join(rng.choice(list('abcdefghijkl'), rng.integers(2, 7))) for _ in range(300)]
+    (tmp_path / 'stories.txt').write_text('\n<|endoftext|>\n'.join(' '.join(rng.choice(words, 30)) for _ in range(100)))
+    # the hint as given, with the user's own text for the hub's
+    prepare = subprocess.run([sys.executable, *hint.split()[1:], f'--source={tmp_path}/stories.txt'], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=120)
+    assert prepare.returncode == 0, prepare.stderr
+    train(data, tmp_path / 'out', *args)  # the command that failed now works
+    assert load_checkpoint(tmp_path / 'out' / 'last.pt')['tokenizer']['name'] == 'bpe:300'
 
 
 def test_a_checkpoint_with_missing_keys_is_an_error(data, trained, tmp_path):
@@ -276,11 +380,11 @@ def test_a_checkpoint_with_missing_keys_is_an_error(data, trained, tmp_path):
     assert_error(run, 'holds no optimizer, iter_num, best_val_loss, rng to resume from')
     assert f'--init_from={tmp_path}/weights/last.pt' in run.stderr  # fine-tuning it works
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, tmp_path):
-    run = train(data, tmp_path, '--learning_rate=1e3', '--grad_clip=0', '--warmup_iters=0', '--eval_interval=1',
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(data, out):
+    run = train(data, out, '--learning_rate=1e3', '--grad_clip=0', '--warmup_iters=0', '--eval_interval=1',
                 '--max_iters=50', ok=False)
     assert_error(run, 'training diverged')
-    ckpt = load_checkpoint(tmp_path / 'last.pt')
+    ckpt = load_checkpoint(out / 'last.pt')
     assert f"last.pt keeps iter {ckpt['iter_num']}" in run.stderr
     assert all(torch.isfinite(w).all() for w in ckpt['model'].values())
 
@@ -299,15 +403,15 @@ def torchrun(nproc, data_dir, out_dir, *args):
 
 @needs_gloo
 @pytest.mark.parametrize('nproc', [2, 3])
-def test_ddp_on_cpu_processes_with_any_count(nproc, data, tmp_path):
+def test_ddp_on_cpu_processes_with_any_count(nproc, data, out):
     # gradient_accumulation_steps=2 over 3 processes rounds up to 1 micro-step each: 3 x 1 x 8 x 16 tokens per step.
     # train.py compares every process's weights at the end and fails if DDP let them drift apart
-    run = torchrun(nproc, data, tmp_path, '--gradient_accumulation_steps=2', '--max_iters=10', '--eval_interval=5',
+    run = torchrun(nproc, data, out, '--gradient_accumulation_steps=2', '--max_iters=10', '--eval_interval=5',
                    '--lr_decay_iters=10')
     assert f'{nproc} x cpu' in run.stderr
     assert f'{nproc * 128} tokens per step ({nproc} processes x 1 micro-step x 8 x 16 tokens)' in run.stderr
-    assert load_checkpoint(tmp_path / 'last.pt')['iter_num'] == 10
-    evals = [r for r in metrics(tmp_path) if 'val_loss' in r]
+    assert load_checkpoint(out / 'last.pt')['iter_num'] == 10
+    evals = [r for r in metrics(out) if 'val_loss' in r]
     assert evals[-1]['val_loss'] < evals[0]['val_loss']
 
 
@@ -329,13 +433,13 @@ def test_ddp_resume_is_exact(data, tmp_path):
 
 
 @pytest.mark.parametrize('problem, hint', [
-    ('no data', 'run prepare.py first'),
-    ('no train.bin', 'run prepare.py first'),
+    ('no data', 'make it with `python prepare.py --data_dir='),
+    ('no train.bin', 'make it with `python prepare.py --data_dir='),
     ('meta.json with the wrong dtype', 'run prepare.py again'),
     ('meta.json with a float dtype', 'not uint16 or uint32'),
     ('block_size larger than the data', 'use a smaller --block_size'),
     ('out_dir not writable', 'choose another --out_dir'),
-    ('nothing to resume', 'train first'),
+    ('nothing to resume', 'start the run without --init_from=resume'),
     ('tensorboard_log without tensorboard', 'pip install tensorboard'),
     ('wandb_log without wandb', 'pip install wandb'),
 ])
@@ -370,7 +474,7 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     # its own out_dir: the config's (out-cpu/) may hold a user's trained model, which train.py would refuse to replace
     run = subprocess.run([sys.executable, 'train.py', f'config/{name}.py', f'--data_dir={tmp_path}', f'--out_dir={tmp_path}/out'],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
-    assert_error(run, 'run prepare.py first')  # it took every setting; only the data is missing
+    assert_error(run, 'make it with `python prepare.py')  # it took every setting; only the data is missing
 
 
 @pytest.mark.parametrize('arg, rule', [
