@@ -1,4 +1,6 @@
 import os
+import re
+import shutil
 import sys
 
 import pytest
@@ -18,3 +20,14 @@ if os.path.isdir(TIKTOKEN_CACHE):
 needs_shared = pytest.mark.skipif(not os.path.isdir(TINYSTORIES), reason=f'{TINYSTORIES} is absent')
 needs_tokenizer = pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE) and 'TIKTOKEN_CACHE_DIR' not in os.environ,
                                      reason='no offline tiktoken cache (../shared/tiktoken-cache)')
+
+
+def put_where_the_hint_trains(error, checkpoint):
+    """Copy checkpoint to the out_dir (under the working directory) of the config that error's hint
+    trains ("train one first: python train.py CONFIG")."""
+    command = re.search(r'train one first: python train.py (\S+)\)', str(error))
+    assert command, error
+    settings = {}
+    exec(open(os.path.join(ROOT, command[1])).read(), {}, settings)
+    os.makedirs(settings['out_dir'])
+    shutil.copy(checkpoint, settings['out_dir'])

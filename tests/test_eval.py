@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, needs_tokenizer
+from conftest import ROOT, needs_tokenizer, put_where_the_hint_trains
 from model import GPT, GPTConfig
 
 pytestmark = needs_tokenizer
@@ -180,12 +180,7 @@ def test_bare_eval_reads_what_its_hint_trains(setup, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
         evaluate(None)
-    command = re.search(r'train one first: python train.py (\S+)\)', str(e.value))
-    assert command, e.value
-    settings = {}
-    exec(open(os.path.join(ROOT, command[1])).read(), {}, settings)
-    os.makedirs(settings['out_dir'])
-    shutil.copy(setup[0] / 'best.pt', settings['out_dir'])
+    put_where_the_hint_trains(e.value, setup[0] / 'best.pt')
     assert '137 tokens' in evaluate(None)
 
 

@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.request
 
-import pytest
 
 from conftest import ROOT, SHARED, needs_shared, needs_tokenizer
 
