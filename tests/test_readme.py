@@ -12,7 +12,6 @@ import sys
 import time
 import urllib.request
 
-
 from conftest import ROOT, SHARED, needs_shared, needs_tokenizer
 
 pytestmark = [needs_shared, needs_tokenizer]
