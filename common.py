@@ -172,6 +172,42 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
+def rng_state(device_type):
+    """This process's random states, as plain tensors, tuples and ints (torch.load(weights_only=True) reads them)."""
+    import random
+    import torch
+    np_state = np.random.get_state()
+    return {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
+            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+
+
+def set_rng_state(rng, device_type):
+    """Go on with the random states rng_state gave."""
+    import random
+    import torch
+    random.setstate(rng['python'])
+    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+    torch.set_rng_state(rng['torch'].cpu())
+    if device_type == 'cuda' and rng['cuda'] is not None:
+        torch.cuda.set_rng_state(rng['cuda'].cpu())
+
+
+def write_checkpoint(checkpoint, path):
+    """torch.save, atomically (a kill mid-write keeps the old file); a failed write ends the run with one
+    line, the old file kept."""
+    import torch
+    try:
+        # through a file of ours, a failed write's OSError (No space left on device) reaches us, as the
+        # context of the RuntimeError torch.save makes of it
+        with atomic_output(path) as tmp, open(tmp, 'wb') as f:
+            torch.save(checkpoint, f)
+    except (OSError, RuntimeError) as e:
+        why = next((x for x in (e, e.__context__) if isinstance(x, OSError)), e)
+        reason = getattr(why, 'strerror', None) or str(why).split('\n')[0]
+        die(f"cannot save {path} at iter {checkpoint['iter_num']}: {reason} (disk full?); it keeps its previous "
+            "version: make room, then continue with --init_from=resume")
+
+
 def checkpoint_path(out_dir, ckpt):
     """ckpt is 'best' or 'last' (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint."""
     return os.path.join(out_dir, f'{ckpt}.pt') if ckpt in ('best', 'last') else ckpt
@@ -189,12 +225,15 @@ def load_model(path, device='cpu'):
     return model.to(device).eval(), ckpt
 
 
-def read_meta(data_dir):
-    """meta.json that prepare.py writes beside train.bin and validation.bin, checked."""
+def read_meta(data_dir, tokenizer='', splits=()):
+    """meta.json that prepare.py writes beside train.bin and validation.bin, checked. Without it (or the
+    .bin of a split in splits), the error names the prepare.py command that makes them in `tokenizer` (a
+    checkpoint's path, or bpe:N; '' for GPT-2's, prepare.py's default), the one the model reads."""
     path = os.path.join(data_dir, 'meta.json')
-    if not os.path.isfile(path):
-        die(f"no {path}: prepare it first, python prepare.py --data_dir={data_dir} --source=FILES (your stories; "
-            "without it: TinyStories from the hub), with the --tokenizer the model reads (prepare.py --help)")
+    if not all(os.path.isfile(os.path.join(data_dir, name)) for name in ('meta.json', *(f'{s}.bin' for s in splits))):
+        die(f"no prepared data in {data_dir} (meta.json, train.bin, validation.bin): make it with `python prepare.py"
+            f"{f' --tokenizer={tokenizer}' if tokenizer else ''} --data_dir={data_dir}` (TinyStories from the Hugging "
+            "Face hub; --source=FILES for your own text)")
     again = "run prepare.py again with --force=True"
     try:
         with open(path, encoding='utf-8') as f:

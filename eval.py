@@ -59,10 +59,7 @@ block_size = model.config.block_size
 data_dir = data_dir or (checkpoint.get('config') or {}).get('data_dir')
 if not data_dir:
     die(f"{path} does not say which data it was trained on: give --data_dir")
-if not os.path.isfile(os.path.join(data_dir, 'meta.json')):  # read_meta's hint cannot name the tokenizer
-    die(f"no prepared data in {data_dir}: make it in the checkpoint's tokens with `python prepare.py --tokenizer={path} "
-        f"--data_dir={data_dir}` and --source=FILES, the stories to score (without it: TinyStories from the hub)")
-meta = read_meta(data_dir)
+meta = read_meta(data_dir, path, [split])  # missing, the hint prepares it in the checkpoint's tokenizer
 check_same(data_tokenizer(data_dir, meta), tokenizer, data_dir, path)
 if meta['vocab_size'] > model.config.vocab_size:
     die(f"{data_dir} has vocab_size={meta['vocab_size']}, more than the model's {model.config.vocab_size}")

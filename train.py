@@ -12,7 +12,6 @@ those weights (hf.py maps them) on GPT-2-tokenized data.
 """
 import math
 import os
-import random
 import re
 import signal
 import sys
@@ -26,8 +25,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (NANOGPT_ARGS, atomic_output, autocast, checkpoint_config, die, get_device, get_dtype, keep_freed_memory,
-                    load_checkpoint, lock_folder, log, open_split, read_meta, remove_stale_temps)
+from common import (NANOGPT_ARGS, autocast, checkpoint_config, die, get_device, get_dtype, keep_freed_memory,
+                    load_checkpoint, lock_folder, log, open_split, read_meta, remove_stale_temps, rng_state,
+                    set_rng_state, write_checkpoint)
 from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
@@ -137,17 +137,12 @@ keep_freed_memory(device_type)
 torch.manual_seed(seed + rank)  # each process draws its own batches
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 
-if not all(os.path.isfile(os.path.join(data_dir, name)) for name in ('meta.json', 'train.bin', 'validation.bin')):
-    # the command that makes this data_dir, in the tokenizer the run needs: a checkpoint's own, or the
-    # bpe:N that a name like run.sh's data/sample-bpe4096 asks for (GPT-2's, prepare.py's default, otherwise)
-    ckpt = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
-    bpe = re.search(r'bpe(\d+)', os.path.basename(os.path.normpath(data_dir)))
-    tok = (f' --tokenizer={ckpt}' if init_from != 'scratch' and os.path.isfile(ckpt) else
-           f' --tokenizer=bpe:{bpe[1]}' if bpe and init_from == 'scratch' else '')
-    die(f"no prepared data in {data_dir} (meta.json, train.bin, validation.bin): make it with "
-        f"`python prepare.py{tok} --data_dir={data_dir}` (TinyStories from the Hugging Face hub; "
-        "--source=FILES for your own text)")
-meta = read_meta(data_dir)
+# the tokenizer that a missing data_dir's prepare.py command names: a checkpoint's own, or the bpe:N
+# that a name like run.sh's data/sample-bpe4096 asks for (else GPT-2's, prepare.py's default)
+ckpt = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
+bpe = re.search(r'bpe(\d+)', os.path.basename(os.path.normpath(data_dir)))
+meta = read_meta(data_dir, ckpt if init_from != 'scratch' and os.path.isfile(ckpt) else
+                 f'bpe:{bpe[1]}' if bpe and init_from == 'scratch' else '', splits=('train', 'validation'))
 tokenizer = data_tokenizer(data_dir, meta)  # stored in every checkpoint: sample.py and eval.py need no data_dir
 data_dtype = np.dtype(meta['dtype'])
 for split in ('train', 'validation'):
@@ -231,12 +226,7 @@ if init_from == 'resume':
         scaler.load_state_dict(checkpoint['scaler'])
     rngs = checkpoint['rng']  # one per process
     if len(rngs) == world_size:  # the same batches and dropout masks as a run that never stopped
-        rng = rngs[rank]
-        random.setstate(rng['python'])
-        np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
-        torch.set_rng_state(rng['torch'].cpu())
-        if device_type == 'cuda' and rng['cuda'] is not None:
-            torch.cuda.set_rng_state(rng['cuda'].cpu())
+        set_rng_state(rngs[rank], device_type)
     else:
         if master_process:
             log(f"warning: {ckpt_path} holds the random states of {len(rngs)} processes, not {world_size}: "
@@ -301,10 +291,7 @@ if master_process:
 
 def save_checkpoint(names):
     """Every process calls it: each one's random state goes in, so that resume is exact under DDP too."""
-    np_state = np.random.get_state()
-    # plain tensors, tuples and ints, so that torch.load(weights_only=True) reads them back
-    rng = {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
-           'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
+    rng = rng_state(device_type)
     rngs = [rng]
     if ddp:
         rngs = [None] * world_size
@@ -324,16 +311,7 @@ def save_checkpoint(names):
         'rng': rngs,  # rank by rank
     }
     for name in names:
-        try:
-            # a kill mid-write keeps the old file; and through a file of ours, a failed write's OSError
-            # (No space left on device) reaches us, as the context of the RuntimeError torch.save makes of it
-            with atomic_output(os.path.join(out_dir, name)) as tmp, open(tmp, 'wb') as f:
-                torch.save(checkpoint, f)
-        except (OSError, RuntimeError) as e:
-            why = next((x for x in (e, e.__context__) if isinstance(x, OSError)), e)
-            reason = getattr(why, 'strerror', None) or str(why).split('\n')[0]
-            die(f"cannot save {out_dir}/{name} at iter {iter_num}: {reason} (disk full?); it keeps its previous "
-                "version: make room, then continue with --init_from=resume")
+        write_checkpoint(checkpoint, os.path.join(out_dir, name))
 
 
 stop_signal = 0
