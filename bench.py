@@ -3,21 +3,25 @@ Measure this machine: training tokens/s and MFU, sampling tokens/s against the w
 floor and nanoGPT's way, and prepare.py's tokenizer throughput. Prints one table.
   $ python bench.py                                   # the small config, everything
   $ python bench.py --config_file=config/nano.py --parts=sample
+  $ python bench.py --config_file=config/cpu.py --parts=step,attention --compile=True
 """
+import json
+import math
 import os
 import statistics
 import time
 from dataclasses import fields
 
 import torch
+from torch.nn import functional as F
 
 from common import autocast, get_device, keep_freed_memory
 from generate import generate, use_fast_linears
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here
-parts = 'train,sample,prepare'  # which measurements to run: memory, train, sample, prepare, serve
-batch_size = 8  # training micro-batch (sequences of block_size tokens)
+parts = 'train,sample,prepare'  # which measurements to run: memory, train, step, attention, sample, prepare, serve
+batch_size = 8  # training micro-batch (sequences of block_size tokens); step and attention take the config's
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
 dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure
@@ -67,17 +71,18 @@ def matmul_peak(dtype):
     return 2 * 2048 ** 3 / timed(lambda: a @ a, 5, 2)
 
 
-def make_train_step(batch, dtype, use_compile=False):
-    """One AdamW step of a fresh model on a fixed random batch, and the model."""
-    model = GPT(GPTConfig(**model_args)).to(device)
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+def make_train_step(batch, dtype, use_compile=False, args=None, optimizer='adamw'):
+    """One optimizer step (AdamW, or Muon with AdamW) of a fresh model on a fixed random batch, and the model."""
+    model = GPT(GPTConfig(**(args or model_args))).to(device)
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, optimizer)
     step_model = torch.compile(model) if use_compile else model
-    x = torch.randint(50257, (batch, model.config.block_size), device=device)
+    x = torch.randint(model.config.vocab_size, (batch, model.config.block_size), device=device)
 
     def train_step():
         with autocast(device_type, dtype):
             _, loss = step_model(x, x)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as train.py's default grad_clip
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return train_step, model
@@ -110,6 +115,41 @@ if 'train' in parts:
             mfu = model.estimate_mfu(batch_size, dt, peak)
             rows.append(('train', f"{dtype}{' compiled' if use_compile else ''}", f"batch {batch_size}",
                          f"{batch_size * model.config.block_size / dt:,.0f}", f"MFU {mfu:.1%}, {dt * 1e3:.0f} ms/step"))
+
+if 'step' in parts:  # config_file's own training step, as train.py takes it
+    meta = os.path.join(shape.get('data_dir', ''), 'meta.json')
+    vocab = json.load(open(meta))['vocab_size'] if os.path.isfile(meta) else 50257
+    args = dict(model_args, vocab_size=vocab, dropout=shape.get('dropout', 0.0))
+    batch, optimizer = shape.get('batch_size', batch_size), shape.get('optimizer', 'adamw')
+    for dtype in dtypes.split(','):
+        peak = matmul_peak(dtype) if device_type == 'cpu' else None
+        for use_compile in [False, True] if compile or (compile is None and device_type == 'cuda') else [False]:
+            train_step, model = make_train_step(batch, dtype, use_compile, args, optimizer)
+            dt = timed(train_step, train_steps, warmup_steps + (2 if use_compile else 0))
+            rows.append(('step', f"{dtype}{' compiled' if use_compile else ''}", f"batch {batch}",
+                         f"{batch * model.config.block_size / dt:,.0f}",
+                         f"MFU {model.estimate_mfu(batch, dt, peak):.1%}, {dt * 1e3:.0f} ms/step; {optimizer}, "
+                         f"dropout {args['dropout']}, vocabulary {vocab:,}"))
+
+if 'attention' in parts:  # the fused kernel against the plain product, forward and backward, at config_file's shape
+    def plain_attention(q, k, v):
+        T = q.size(-2)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
+        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=device).tril(), float('-inf'))
+        return F.softmax(att, dim=-1) @ v
+
+    def fused_attention(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    batch, T, n_head = shape.get('batch_size', batch_size), model_args['block_size'], model_args['n_head']
+    for dtype in dtypes.split(','):
+        q, k, v = (torch.randn(batch, n_head, T, model_args['n_embd'] // n_head, device=device,
+                               dtype=getattr(torch, dtype), requires_grad=True) for _ in range(3))
+        times = {fn: timed(lambda: fn(q, k, v).sum().backward(), train_steps, warmup_steps)
+                 for fn in (fused_attention, plain_attention)}
+        for fn, dt in times.items():
+            rows.append(('attention', f"{dtype} {fn.__name__}, forward and backward", f"batch {batch}",
+                         f"{batch * T / dt:,.0f}", f"{dt * 1e3:.1f} ms, {times[fused_attention] / dt:.2f}x the fused"))
 
 if 'sample' in parts:
     def copy_bandwidth():

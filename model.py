@@ -82,7 +82,9 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # which of a KV cache's layers is this one's
-        self.use_sdpa = True  # F.scaled_dot_product_attention (fused kernels); False: the plain reference
+        # F.scaled_dot_product_attention (fused kernels); False: the plain reference, which is also taken for short
+        # bf16 sequences on the CPU, where the fused kernel's backward is 3x slower (bench.py --parts=attention)
+        self.use_sdpa = True
         self.rotary = (Rotary(config.n_embd // config.n_head, config.block_size, config.rope_theta)
                        if config.pos_emb == 'rope' else None)
 
@@ -94,9 +96,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if self.rotary is not None:  # keys go into a cache already rotated to their positions
             q, k = self.rotary(q, pos), self.rotary(k, pos)
+        fused_is_slow = x.device.type == 'cpu' and q.dtype == torch.bfloat16 and T <= 256  # see use_sdpa
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)
-        elif self.use_sdpa:
+        elif self.use_sdpa and not fused_is_slow:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from common import (NANOGPT_ARGS, autocast, checkpoint_config, die, get_device, get_dtype, keep_freed_memory,
-                    load_checkpoint, lock_folder, log, open_split, read_meta, remove_stale_temps, rng_state,
-                    set_rng_state, write_checkpoint)
+from common import (NANOGPT_ARGS, autocast, check_compiler, checkpoint_config, die, get_device, get_dtype,
+                    keep_freed_memory, load_checkpoint, lock_folder, log, open_split, read_meta, remove_stale_temps,
+                    rng_state, set_rng_state, write_checkpoint)
 from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
@@ -75,9 +76,14 @@ optimizer = 'adamw'  # 'adamw', or 'muon': Muon for the matrices inside the bloc
 # Muon's peak learning rate (> 0; None: learning_rate), on AdamW's scale (match_rms_adamw); scheduled like learning_rate
 muon_learning_rate: float | None = None
 muon_momentum = 0.95  # Muon's (Nesterov) momentum, in [0, 1)
-# learning rate schedule: linear warmup, then cosine decay
+# an exponential moving average of the weights (torch.optim.swa_utils), updated every step with this decay, in
+# [0, 1): evaluations and checkpoints' 'model' are the average (the trained weights go beside it, to resume); 0 = off
+ema = 0.0
+# learning rate schedule: linear warmup, then cosine decay (or a stable peak and a linear cooldown)
 decay_lr = True  # False keeps learning_rate throughout
 warmup_iters = 200  # >= 0
+# in [0, 1]: > 0 holds the peak after warmup, then decays linearly to min_lr over this share of lr_decay_iters
+cooldown = 0.0
 lr_decay_iters: int | None = None  # where the cosine ends (>= warmup_iters); None: max_iters
 min_lr: float | None = None  # the learning rate it ends at (>= 0); None: learning_rate / 10
 # system
@@ -100,7 +106,7 @@ if muon_learning_rate is None:
 for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'patience >= 0', 'batch_size >= 1',
              'gradient_accumulation_steps >= 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
              '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', "optimizer in ('adamw', 'muon')",
-             'muon_learning_rate > 0', '0 <= muon_momentum < 1', 'warmup_iters >= 0', 'min_lr >= 0',
+             'muon_learning_rate > 0', '0 <= muon_momentum < 1', '0 <= ema < 1', 'warmup_iters >= 0', '0 <= cooldown <= 1', 'min_lr >= 0',
              'not decay_lr or lr_decay_iters >= warmup_iters', "dtype in ('auto', 'float32', 'bfloat16', 'float16')",
              "backend in ('auto', 'nccl', 'gloo')", 'peak_flops >= 0'):
     if not eval(rule, {'__builtins__': {}}, config):  # the rules above, never user input: values are parsed literals
@@ -202,7 +208,8 @@ else:
             f"resume it with that optimizer")
     model = GPT(replace(model_config, vocab_size=saved.vocab_size, block_size=saved.block_size))
     try:
-        model.load_state_dict(checkpoint['model'])
+        model.load_state_dict(checkpoint['trained_model'] if init_from == 'resume' and 'trained_model' in checkpoint
+                              else checkpoint['model'])
     except RuntimeError as e:
         die(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[0]}")
     if block_size < saved.block_size:
@@ -241,12 +248,19 @@ if init_from == 'resume':
             if ddp:
                 dist.destroy_process_group()
             sys.exit(0)
-checkpoint = None  # free its memory
 
 raw_model = model  # the bare model: its state_dict has no compile or DDP prefixes
+averaged = None
+if ema:
+    averaged = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema)).eval()
+    if init_from == 'resume' and 'ema_updates' in checkpoint:
+        averaged.module.load_state_dict(checkpoint['model'])
+        averaged.n_averaged.fill_(checkpoint['ema_updates'])
+checkpoint = None  # free its memory
 if compile is None:
     compile = device_type == 'cuda'
 if compile:
+    check_compiler(device_type)
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
@@ -254,14 +268,15 @@ if ddp:
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches of each split (and over all processes)."""
+    """Mean loss over eval_iters batches of each split (and over all processes), of the averaged weights with ema."""
+    evaluated = averaged.module if averaged else model
     model.eval()
     losses = torch.zeros(2, device=device)
     for i, split in enumerate(('train', 'validation')):
         for _ in range(eval_iters):
             X, Y = get_batch(split)
             with ctx:
-                _, loss = model(X, Y)
+                _, loss = evaluated(X, Y)
             losses[i] += loss.float() / eval_iters
     model.train()
     if ddp:
@@ -275,6 +290,11 @@ def get_lr(it):
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
+    decay_start = max(warmup_iters, lr_decay_iters - cooldown * lr_decay_iters)
+    if cooldown and it < decay_start:
+        return learning_rate
+    if cooldown:
+        return learning_rate - (learning_rate - min_lr) * (it - decay_start) / (lr_decay_iters - decay_start)
     coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warmup_iters) / (lr_decay_iters - warmup_iters)))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
 
@@ -299,7 +319,8 @@ def save_checkpoint(names):
     if not master_process:
         return
     checkpoint = {
-        'model': raw_model.state_dict(),
+        'model': (averaged.module if averaged else raw_model).state_dict(),
+        **({'trained_model': raw_model.state_dict(), 'ema_updates': int(averaged.n_averaged)} if averaged else {}),
         'model_args': model_args,
         'tokenizer': tokenizer,
         'iter_num': iter_num,
@@ -401,6 +422,8 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    if averaged:
+        averaged.update_parameters(raw_model)
     window_time += time.time() - t0
     window_iters += 1
     iter_num += 1

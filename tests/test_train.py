@@ -118,6 +118,11 @@ def test_learning_rate_schedule(data, trained, out):
     lrs = [r['lr'] for r in metrics(out) if 'loss' in r]
     assert lrs == pytest.approx([1e-2, 1e-3 + 9e-3 * (1 + np.cos(np.pi / 4)) / 2, 5.5e-3,
                                  1e-3 + 9e-3 * (1 + np.cos(3 * np.pi / 4)) / 2, 1e-3, 1e-3, 1e-3])  # the floor past 4
+    # warmup-stable-decay: the peak after 2 warmup steps, then a straight line down to min_lr over the last half
+    train(data, out, '--max_iters=12', '--eval_interval=100', '--lr_decay_iters=10', '--cooldown=0.5', '--overwrite=True')
+    lrs = [r['lr'] for r in metrics(out) if 'loss' in r]
+    assert lrs == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 1e-2, 1e-2, 8.2e-3, 6.4e-3, 4.6e-3, 2.8e-3, 1e-3, 1e-3])
+
 
 def test_derived_settings_follow_overrides(data, out):
     """lr_decay_iters, min_lr and muon_learning_rate left unset follow max_iters and learning_rate as given
@@ -159,6 +164,33 @@ def test_resume_is_exact(data, tmp_path):
     def losses(out_dir):
         return [(r['iter'], r.get('loss'), r.get('val_loss')) for r in metrics(out_dir)]
     assert losses(tmp_path / 'straight') == losses(tmp_path / 'halves')  # the log continues where last.pt left off
+
+
+def test_ema_averages_the_trained_weights_and_resumes_exactly(data, tmp_path):
+    """--ema=0.8: after two steps the saved model is 0.8 w1 + 0.2 w2 (the average starts at the first step's
+    weights, w1 and w2 from a run without it: the average never changes the training), and a resumed run ends
+    with the same average and weights as one that never stopped."""
+    args = ['--eval_interval=2', '--lr_decay_iters=8']
+    for name, steps in (('one', 1), ('two', 2)):
+        train(data, tmp_path / name, f'--max_iters={steps}', *args)
+    w1, w2 = (load_checkpoint(tmp_path / name / 'last.pt')['model'] for name in ('one', 'two'))
+    train(data, tmp_path / 'ema', '--max_iters=2', '--ema=0.8', *args)
+    ema = load_checkpoint(tmp_path / 'ema' / 'last.pt')
+    assert ema['ema_updates'] == 2
+    for name in w2:
+        assert torch.equal(ema['trained_model'][name], w2[name]), name
+        torch.testing.assert_close(ema['model'][name], 0.8 * w1[name] + 0.2 * w2[name])
+    assert not torch.equal(ema['model']['lm_head.weight'], w2['lm_head.weight'])
+
+    args += ['--ema=0.8', '--dropout=0.2']
+    train(data, tmp_path / 'straight', '--max_iters=6', *args)
+    train(data, tmp_path / 'halves', '--max_iters=4', *args)
+    train(data, tmp_path / 'halves', '--max_iters=6', '--init_from=resume', *args)
+    straight, halves = (load_checkpoint(tmp_path / name / 'last.pt') for name in ('straight', 'halves'))
+    for key in ('model', 'trained_model'):
+        for name, weight in straight[key].items():
+            assert torch.equal(weight, halves[key][name]), (key, name)
+    assert [r.get('val_loss') for r in metrics(tmp_path / 'straight')] == [r.get('val_loss') for r in metrics(tmp_path / 'halves')]
 
 
 def test_finetune_from_a_checkpoint_with_a_shorter_block(data, trained, out):
@@ -488,7 +520,7 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     ('--learning_rate=-1e-3', 'learning_rate > 0'), ('--min_lr=-1e-3', 'min_lr >= 0'), ('--beta1=1', '0 <= beta1 < 1'),
     ('--beta2=1.5', '0 <= beta2 < 1'), ('--weight_decay=-0.1', 'weight_decay >= 0'), ('--warmup_iters=-1', 'warmup_iters >= 0'),
     ('--lr_decay_iters=1', 'not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr=True, lr_decay_iters=1, warmup_iters=2'),
-    ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
+    ('--ema=1', '0 <= ema < 1'), ('--cooldown=1.5', '0 <= cooldown <= 1'), ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
     ('--dtype=fp8', "dtype in ('auto', 'float32', 'bfloat16', 'float16')"),
     ('--optimizer=sgd', "optimizer in ('adamw', 'muon'), got optimizer='sgd'"),
     ('--pos_emb=alibi', "pos_emb='alibi'"), ('--mlp=relu', "mlp='relu'"),  # GPTConfig's own checks
