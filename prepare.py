@@ -5,6 +5,7 @@ tokenizer (--tokenizer=bpe:N) also its tokenizer.json.
   $ python prepare.py                          # roneneldan/TinyStories from the Hugging Face hub
   $ python prepare.py --source=../shared/data/tinystories/train-sample.txt \
         --val_source=../shared/data/tinystories/valid-sample.txt --data_dir=data/sample
+--bpe_dropout=0.1 adds differently split copies of the train documents (see the setting).
 A source is a hub dataset id, or local files: a file, a directory or a glob of .txt (TinyStories'
 format: documents separated by <|endoftext|> lines; a file without them is one document),
 .jsonl/.json or .parquet (text in text_field; records without text are skipped, and counted). Both
@@ -29,7 +30,8 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from common import atomic_output, die, lock_folder, log, remove_stale_temps
-from tokenizer import GPT2, get_tokenizer, meta_fields, parse_name, reused_tokenizer, train_tokenizer
+from tokenizer import (GPT2, dropout_tokenizer, get_tokenizer, meta_fields, parse_name, reused_tokenizer,
+                       train_tokenizer)
 
 # -----------------------------------------------------------------------------
 source = 'roneneldan/TinyStories'  # hub dataset id, or a local file, directory or glob
@@ -40,6 +42,11 @@ max_docs = 0  # keep only the first max_docs documents of each source (0 = all),
 text_field = 'text'  # the field holding the text in hub, .jsonl/.json and .parquet sources
 tokenizer = 'gpt2'  # 'gpt2' (tiktoken), 'bpe:N' (N from 257 to 65535: a byte-level BPE trained on the train documents), or a checkpoint or data_dir whose tokenizer to reuse
 data_dir = 'data/tinystories'  # where train.bin, validation.bin, meta.json (and tokenizer.json) go
+# in [0, 1): with a BPE tokenizer (bpe:N, or one reused), train.bin also holds bpe_copies more tokenizations of the
+# train documents, each merge skipped with this probability (BPE-dropout): other pieces of the same stories, a
+# regulariser when there are few (config/cpu.py trains on 0.1). Drawn by `tokenizers`, unseeded
+bpe_dropout = 0.0
+bpe_copies = 8  # >= 1
 batch_size = 1024  # documents tokenized at a time (>= 1): bounds memory, hardly matters for speed
 num_threads = 0  # tokenizer threads (>= 0; 0 = one per CPU core)
 force = False  # redo the work even when data_dir already holds it
@@ -169,15 +176,24 @@ def batches(ds, desc):
                 log(f"{desc}: {done:,} of {len(ds):,} documents")
 
 
-def write_tokens(ds, path, name, enc, dtype):
-    """Tokenize ds a batch at a time into path; memory holds one batch, never the whole stream.
-    Returns its token and document counts."""
+def write_tokens(ds, path, name, enc, dtype, dropout_state=None):
+    """Tokenize ds a batch at a time into path; memory holds one batch, never the whole stream. With the
+    state of a BPE, bpe_copies more passes follow with BPE-dropout. Returns its token and document counts."""
     tokens = 0
     with open(path, 'wb') as f:
         for texts in batches(ds, f'tokenizing {name}'):
             ids = tokenize_batch(enc, texts, dtype, num_threads)
             ids.tofile(f)
             tokens += len(ids)
+        if dropout_state:
+            bpe = dropout_tokenizer(dropout_state, bpe_dropout)
+            for copy in range(1, bpe_copies + 1):
+                for texts in batches(ds, f'tokenizing {name}, BPE-dropout copy {copy} of {bpe_copies}'):
+                    ids = np.array([i for e in bpe.encode_batch(texts, add_special_tokens=False)
+                                    for i in (*e.ids, enc.eot_token)], dtype=dtype)
+                    ids.tofile(f)
+                    tokens += len(ids)
+            return {'tokens': tokens, 'documents': len(ds), 'bpe_dropout_copies': bpe_copies}
     return {'tokens': tokens, 'documents': len(ds)}
 
 
@@ -198,15 +214,24 @@ if __name__ == '__main__':
         die(f"batch_size must be at least 1, got {batch_size}")
     if num_threads < 0:
         die(f"num_threads must be >= 0 (0 is one per CPU core), got {num_threads}")
+    if not 0 <= bpe_dropout < 1:
+        die(f"bpe_dropout must be in [0, 1), got {bpe_dropout}")
+    if bpe_copies < 1:
+        die(f"bpe_copies must be at least 1, got {bpe_copies}")
     # a checkpoint's or a prepared data_dir's tokenizer: new data in the tokens that model reads
     named = tokenizer == 'gpt2' or tokenizer.startswith('bpe:')
     reused = reused_tokenizer(tokenizer) if not named and os.path.exists(tokenizer) else None
     has_json = reused['json'] is not None if reused else parse_name(tokenizer) > 0  # a BPE's tokenizer.json to write
+    if bpe_dropout and not has_json:
+        die("bpe_dropout needs a BPE tokenizer that prepare.py trains or reuses (e.g. --tokenizer=bpe:4096), "
+            "not GPT-2's")
     files = local_files(source), (local_files(val_source) if val_source else None)
     if not has_json:
         get_tokenizer(GPT2)  # fail now if tiktoken cannot load it, not after reading the sources
     options = {k: config[k] for k in ('source', 'val_source', 'val_fraction', 'seed', 'max_docs', 'text_field',
                                       'tokenizer')}
+    if bpe_dropout:  # only then: data prepared without it stays prepared
+        options.update(bpe_dropout=bpe_dropout, bpe_copies=bpe_copies)
     options['files'] = hashlib.sha1(json.dumps(files).encode()).hexdigest()  # so an edited file is prepared again
     if not sys.stderr.isatty():  # a log file: datasets' and the hub's bars would pile up \r updates on one line
         datasets.disable_progress_bars()
@@ -266,8 +291,9 @@ if __name__ == '__main__':
             enc = get_tokenizer(state)
             dtype = meta_fields(enc)['dtype']
             t1 = time.time()
-            stats = {split: write_tokens(ds, tmp, f'{split}.bin', enc, dtype)
-                     for split, ds, tmp in (('train', train, train_tmp), ('validation', val, val_tmp))}
+            stats = {split: write_tokens(ds, tmp, f'{split}.bin', enc, dtype, state if copies else None)
+                     for split, ds, tmp, copies in (('train', train, train_tmp, bpe_dropout),
+                                                    ('validation', val, val_tmp, 0))}
             t2 = time.time()
             stats['train']['from'], stats['validation']['from'] = source, val_from
             meta = {**meta_fields(enc), **stats, 'source': source, 'options': options}
@@ -279,5 +305,5 @@ if __name__ == '__main__':
         die(f"cannot write to data_dir {data_dir}: {e.strerror or e}")
     tokens, docs = (stats['train'][k] + stats['validation'][k] for k in ('tokens', 'documents'))
     print(f"prepared {data_dir} with {enc.name}: {tokens:,} tokens in {docs:,} documents "
-          f"(train {stats['train']['tokens']:,} tokens, validation {stats['validation']['tokens']:,}), "
+          f"(train {stats['train']['tokens']:,} tokens{f', {bpe_copies} BPE-dropout copies among them' * bool(bpe_dropout)}, validation {stats['validation']['tokens']:,}), "
           f"{time.time() - t0:.1f}s in all, tokenizing and writing {t2 - t1:.1f}s at {tokens / (t2 - t1):,.0f} tokens/s")

@@ -101,6 +101,16 @@ def get_tokenizer(state=GPT2):
         die(f"the tokenizer.json of {state['name']} is not one that prepare.py wrote ({type(e).__name__}: {e})")
 
 
+def dropout_tokenizer(state, p):
+    """A `tokenizers` Tokenizer of a BPE's state that skips each merge with probability p (BPE-dropout,
+    Provilkov et al. 2020): each encode splits the text anew. Text that reads <|endoftext|> stays text,
+    as tiktoken's encode_ordinary keeps it."""
+    from tokenizers import Tokenizer
+    bpe = Tokenizer.from_str(state['json'])
+    bpe.model.dropout = p
+    bpe.encode_special_tokens = True
+    return bpe
+
 
 def token_bytes(enc):
     """Each token's length in UTF-8 bytes (a numpy array), for bits per byte: they add up to the decoded

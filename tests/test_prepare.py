@@ -246,6 +246,31 @@ def test_a_data_dirs_or_checkpoints_tokenizer_is_reused(tmp_path, monkeypatch):
     assert read(tmp_path / 'd')[0]['tokenizer'] == 'gpt2' and not (tmp_path / 'd' / 'tokenizer.json').exists()
 
 
+def test_bpe_dropout_adds_copies_of_the_train_documents_split_otherwise(tmp_path, monkeypatch, capsys):
+    """train.bin: the documents as the tokenizer splits them, then bpe_copies more passes that decode to the same
+    documents in other, mostly smaller pieces; validation.bin and the tokenizer as without it."""
+    src, val = write_txt(tmp_path / 'stories.txt', STORIES), write_txt(tmp_path / 'val.txt', STORIES[:4])
+    common_args = [f'--source={src}', f'--val_source={val}', '--tokenizer=bpe:300']
+    run_prepare(monkeypatch, *common_args, f'--data_dir={tmp_path / "plain"}')
+    run_prepare(monkeypatch, *common_args, '--bpe_dropout=0.3', '--bpe_copies=3', f'--data_dir={tmp_path / "d"}')
+    assert '3 BPE-dropout copies among them' in capsys.readouterr().out
+    (meta, tokens), (_, plain) = read(tmp_path / 'd'), read(tmp_path / 'plain')
+    assert (tmp_path / 'd' / 'tokenizer.json').read_text() == (tmp_path / 'plain' / 'tokenizer.json').read_text()
+    assert np.array_equal(tokens['validation'], plain['validation'])
+    assert np.array_equal(tokens['train'][:len(plain['train'])], plain['train'])
+    copies = tokens['train'][len(plain['train']):]
+    assert meta['train']['tokens'] == len(tokens['train']) and meta['train']['bpe_dropout_copies'] == 3
+    assert meta['options']['bpe_dropout'] == 0.3 and meta['options']['bpe_copies'] == 3
+    docs, _ = bpe_docs(tmp_path / 'd')
+    assert docs['train'] == STORIES * 4  # the documents, then three copies of them
+    assert len(copies) > 3 * 1.1 * len(plain['train'])  # merges skipped: more, smaller pieces
+    ends = np.flatnonzero(copies == meta['eot_token'])
+    first, second = copies[:ends[len(STORIES) - 1] + 1], copies[ends[len(STORIES) - 1] + 1:ends[2 * len(STORIES) - 1] + 1]
+    assert not np.array_equal(first, second)  # each copy drawn anew
+    assert 'bpe_dropout needs a BPE tokenizer' in error(monkeypatch, f'--source={src}', '--bpe_dropout=0.1',
+                                                        f'--data_dir={tmp_path / "g"}')
+
+
 def test_rerun_skip_knows_the_tokenizer(tmp_path, monkeypatch, capsys):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     tok = tmp_path / 'd' / 'tokenizer.json'
@@ -466,7 +491,8 @@ def test_plain_progress_lines_off_a_terminal(monkeypatch, capsys):
 
 @pytest.mark.parametrize('arg', ['--batch_size=0', '--num_threads=-1', '--val_fraction=0', '--val_fraction=1.0',
                                  '--max_docs=-1', '--seed=-1', '--source=', '--data_dir=', '--tokenizer=bpe:256',
-                                 '--tokenizer=bpe:65536', '--tokenizer=sentencepiece'])
+                                 '--tokenizer=bpe:65536', '--tokenizer=sentencepiece', '--bpe_dropout=1.0',
+                                 '--bpe_copies=0'])
 def test_settings_out_of_range_are_one_error_line_before_any_work(tmp_path, monkeypatch, arg):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     setting = arg[2:arg.index('=')]
