@@ -15,7 +15,7 @@ from dataclasses import fields
 import torch
 from torch.nn import functional as F
 
-from common import autocast, get_device, keep_freed_memory
+from common import autocast, compile_for_training, get_device, keep_freed_memory
 from generate import generate, use_fast_linears
 from model import GPT, GPTConfig
 
@@ -75,7 +75,7 @@ def make_train_step(batch, dtype, use_compile=False, args=None, optimizer='adamw
     """One optimizer step (AdamW, or Muon with AdamW) of a fresh model on a fixed random batch, and the model."""
     model = GPT(GPTConfig(**(args or model_args))).to(device)
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, optimizer)
-    step_model = torch.compile(model) if use_compile else model
+    step_model = compile_for_training(model, device_type) if use_compile else model
     x = torch.randint(model.config.vocab_size, (batch, model.config.block_size), device=device)
 
     def train_step():

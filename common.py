@@ -73,6 +73,17 @@ def check_compiler(device_type):
                 "install g++ or clang, or leave compile off")
 
 
+def compile_for_training(model, device_type):
+    """torch.compile a model to train. On the CPU with aten's random numbers for dropout: inductor's own take
+    1.2x as long for config/cpu.py's whole step there (bench.py --parts=step)."""
+    import torch
+    check_compiler(device_type)
+    if device_type == 'cpu':
+        import torch._inductor.config
+        torch._inductor.config.fallback_random = True
+    return torch.compile(model)
+
+
 def autocast(device_type, dtype):
     """Mixed precision context for forward passes; a no-op for float32."""
     import torch

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from common import (NANOGPT_ARGS, autocast, check_compiler, checkpoint_config, die, get_device, get_dtype,
+from common import (NANOGPT_ARGS, autocast, checkpoint_config, compile_for_training, die, get_device, get_dtype,
                     keep_freed_memory, load_checkpoint, lock_folder, log, open_split, read_meta, remove_stale_temps,
                     rng_state, set_rng_state, write_checkpoint)
 from metrics import MetricsLog
@@ -260,8 +260,7 @@ checkpoint = None  # free its memory
 if compile is None:
     compile = device_type == 'cuda'
 if compile:
-    check_compiler(device_type)
-    model = torch.compile(model)
+    model = compile_for_training(model, device_type)
 if ddp:
     model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda' else None)
 

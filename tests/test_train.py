@@ -193,6 +193,20 @@ def test_ema_averages_the_trained_weights_and_resumes_exactly(data, tmp_path):
     assert [r.get('val_loss') for r in metrics(tmp_path / 'straight')] == [r.get('val_loss') for r in metrics(tmp_path / 'halves')]
 
 
+def test_compiled_training_on_the_cpu_learns_as_eager(data, tmp_path):
+    """--compile=True on the CPU: without dropout the losses of eager training to float rounding, and the checkpoint
+    has the bare model's names; with dropout (aten's random numbers in inductor's graph) it learns too."""
+    args = ['--max_iters=8', '--eval_interval=4', '--lr_decay_iters=8']
+    for name, extra in (('eager', []), ('compiled', ['--compile=True']), ('dropout', ['--compile=True', '--dropout=0.1'])):
+        train(data, tmp_path / name, *args, *extra, *(['--dropout=0.0'] if name != 'dropout' else []))
+    evals = {name: [r['val_loss'] for r in metrics(tmp_path / name) if 'val_loss' in r]
+             for name in ('eager', 'compiled', 'dropout')}
+    assert evals['compiled'] == pytest.approx(evals['eager'], rel=1e-3)
+    assert evals['dropout'][-1] < 0.9 * evals['dropout'][0]
+    ckpt = load_checkpoint(tmp_path / 'compiled' / 'last.pt')
+    assert not any(k.startswith('_orig_mod.') for k in ckpt['model'])
+
+
 def test_finetune_from_a_checkpoint_with_a_shorter_block(data, trained, out):
     train(data, out, f'--init_from={trained}/best.pt', '--block_size=8', '--max_iters=4', '--eval_interval=2',
           '--learning_rate=1e-3')
