@@ -79,11 +79,9 @@ muon_momentum = 0.95  # Muon's (Nesterov) momentum, in [0, 1)
 # an exponential moving average of the weights (torch.optim.swa_utils), updated every step with this decay, in
 # [0, 1): evaluations and checkpoints' 'model' are the average (the trained weights go beside it, to resume); 0 = off
 ema = 0.0
-# learning rate schedule: linear warmup, then cosine decay (or a stable peak and a linear cooldown)
+# learning rate schedule: linear warmup, then cosine decay
 decay_lr = True  # False keeps learning_rate throughout
 warmup_iters = 200  # >= 0
-# in [0, 1]: > 0 holds the peak after warmup, then decays linearly to min_lr over this share of lr_decay_iters
-cooldown = 0.0
 lr_decay_iters: int | None = None  # where the cosine ends (>= warmup_iters); None: max_iters
 min_lr: float | None = None  # the learning rate it ends at (>= 0); None: learning_rate / 10
 # system
@@ -106,7 +104,7 @@ if muon_learning_rate is None:
 for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'patience >= 0', 'batch_size >= 1',
              'gradient_accumulation_steps >= 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
              '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', "optimizer in ('adamw', 'muon')",
-             'muon_learning_rate > 0', '0 <= muon_momentum < 1', '0 <= ema < 1', 'warmup_iters >= 0', '0 <= cooldown <= 1', 'min_lr >= 0',
+             'muon_learning_rate > 0', '0 <= muon_momentum < 1', '0 <= ema < 1', 'warmup_iters >= 0', 'min_lr >= 0',
              'not decay_lr or lr_decay_iters >= warmup_iters', "dtype in ('auto', 'float32', 'bfloat16', 'float16')",
              "backend in ('auto', 'nccl', 'gloo')", 'peak_flops >= 0'):
     if not eval(rule, {'__builtins__': {}}, config):  # the rules above, never user input: values are parsed literals
@@ -289,11 +287,6 @@ def get_lr(it):
         return learning_rate * (it + 1) / (warmup_iters + 1)
     if it >= lr_decay_iters:
         return min_lr
-    decay_start = max(warmup_iters, lr_decay_iters - cooldown * lr_decay_iters)
-    if cooldown and it < decay_start:
-        return learning_rate
-    if cooldown:
-        return learning_rate - (learning_rate - min_lr) * (it - decay_start) / (lr_decay_iters - decay_start)
     coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warmup_iters) / (lr_decay_iters - warmup_iters)))  # 1 -> 0
     return min_lr + coeff * (learning_rate - min_lr)
 
