@@ -14,6 +14,7 @@ from dataclasses import fields
 
 import torch
 from torch.nn import functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import autocast, compile_for_training, get_device, keep_freed_memory
 from generate import generate, use_fast_linears
@@ -71,20 +72,38 @@ def matmul_peak(dtype):
     return 2 * 2048 ** 3 / timed(lambda: a @ a, 5, 2)
 
 
-def make_train_step(batch, dtype, use_compile=False, args=None, optimizer='adamw'):
-    """One optimizer step (AdamW, or Muon with AdamW) of a fresh model on a fixed random batch, and the model."""
+def make_train_step(batch, dtype, use_compile=False, args=None, optimizer='adamw', ema=0.0):
+    """One optimizer step (AdamW, or Muon with AdamW; then the weights' average with ema) of a fresh model on a
+    fixed random batch, and the model."""
     model = GPT(GPTConfig(**(args or model_args))).to(device)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema)) if ema else None
     optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type, optimizer)
     step_model = compile_for_training(model, device_type) if use_compile else model
     x = torch.randint(model.config.vocab_size, (batch, model.config.block_size), device=device)
 
-    def train_step():
+    def train_step(phases=None):
+        """phases, when given, collects the seconds of the forward pass, the backward pass and the optimizer."""
+        marks = [time.perf_counter()]
+
+        def mark():  # only when phases are asked for: a CUDA sync mid-step would slow the timed steps
+            if phases is not None:
+                if device_type == 'cuda':
+                    torch.cuda.synchronize()
+                marks.append(time.perf_counter())
         with autocast(device_type, dtype):
             _, loss = step_model(x, x)
+        mark()
         loss.backward()
+        mark()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as train.py's default grad_clip
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if averaged:
+            averaged.update_parameters(model)
+        mark()
+        if phases is not None:
+            for name, start, end in zip(('forward', 'backward', 'optimizer'), marks, marks[1:]):
+                phases.setdefault(name, []).append(end - start)
     return train_step, model
 
 
@@ -124,12 +143,16 @@ if 'step' in parts:  # config_file's own training step, as train.py takes it
     for dtype in dtypes.split(','):
         peak = matmul_peak(dtype) if device_type == 'cpu' else None
         for use_compile in [False, True] if compile or (compile is None and device_type == 'cuda') else [False]:
-            train_step, model = make_train_step(batch, dtype, use_compile, args, optimizer)
+            train_step, model = make_train_step(batch, dtype, use_compile, args, optimizer, shape.get('ema', 0.0))
             dt = timed(train_step, train_steps, warmup_steps + (2 if use_compile else 0))
+            phases = {}
+            for _ in range(train_steps):
+                train_step(phases)
+            split = ', '.join(f"{name} {statistics.median(times) * 1e3:.0f}" for name, times in phases.items())
             rows.append(('step', f"{dtype}{' compiled' if use_compile else ''}", f"batch {batch}",
                          f"{batch * model.config.block_size / dt:,.0f}",
-                         f"MFU {model.estimate_mfu(batch, dt, peak):.1%}, {dt * 1e3:.0f} ms/step; {optimizer}, "
-                         f"dropout {args['dropout']}, vocabulary {vocab:,}"))
+                         f"MFU {model.estimate_mfu(batch, dt, peak):.1%}, {dt * 1e3:.0f} ms/step ({split}); "
+                         f"{optimizer}, dropout {args['dropout']}, ema {shape.get('ema', 0.0)}, vocabulary {vocab:,}"))
 
 if 'attention' in parts:  # the fused kernel against the plain product, forward and backward, at config_file's shape
     def plain_attention(q, k, v):

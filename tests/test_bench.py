@@ -5,18 +5,20 @@ from conftest import ROOT
 
 
 def test_bench_prints_a_row_per_measurement():
-    cmd = [sys.executable, 'bench.py', '--config_file=config/nano.py', '--parts=memory,train,step,attention,sample', '--batch_size=2',
-           '--train_steps=1', '--warmup_steps=0', '--new_tokens=3', '--sample_batches=1,2',
+    cmd = [sys.executable, 'bench.py', '--config_file=config/nano.py', '--parts=memory,train,step,attention,sample',
+           '--batch_size=2', '--train_steps=1', '--warmup_steps=0', '--new_tokens=3', '--sample_batches=1,2',
            '--prompt_tokens=2', '--sample_block_size=16', '--sample_repeats=1', '--dtypes=float32',
            '--device=cpu']
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith('| ') and not line.startswith('| what')]
-    assert [r.split(' | ')[0] for r in rows] == ['| memory', '| train', '| step'] + ['| attention'] * 2 + ['| sample'] * 4
+    kinds = [r.split(' | ')[0][2:] for r in rows]
+    assert kinds == ['memory', 'train', 'step', 'attention', 'attention'] + ['sample'] * 4
     assert "'n_layer': 4" in run.stdout and 'cpu' in run.stdout.splitlines()[0]
     assert all(float(r.split(' | ')[3].replace(',', '')) > 0 for r in rows[1:])
-    # the config's own step: its batch, optimizer and dropout (config/nano.py's)
-    assert rows[2].split(' | ')[2] == 'batch 32' and 'adamw, dropout 0.0' in rows[2]
+    # the config's own step: its batch, optimizer, dropout and average (config/nano.py's), and its parts
+    assert rows[2].split(' | ')[2] == 'batch 32' and 'adamw, dropout 0.0, ema 0.0' in rows[2]
+    assert '(forward ' in rows[2] and ', backward ' in rows[2] and ', optimizer ' in rows[2]
     assert 'fused_attention' in rows[3] and 'plain_attention' in rows[4] and 'x the fused' in rows[4]
     # each batch: nanoGPT's way, then the KV cache with its share of the weight-streaming floor
     assert ["nanoGPT's way" in r.split(' | ')[1] for r in rows[5:]] == [True, False, True, False]

@@ -32,7 +32,7 @@ NOT_RUN = {  # a command (a regular expression it matches whole): why this test 
 TINY = {  # settings appended to a script's command (later settings win)
     'prepare.py': ['--max_docs=200'],
     'train.py': ['--max_iters=4', '--eval_interval=2', '--eval_iters=1', '--batch_size=4', '--n_layer=1',
-                 '--n_head=2', '--n_embd=32', '--block_size=64'],
+                 '--n_head=2', '--n_embd=32', '--block_size=64', '--compile=False'],
     'sample.py': ['--max_new_tokens=12'],
     'eval.py': ['--max_tokens=4096'],
     'serve.py': [],
