@@ -74,8 +74,8 @@ def check_compiler(device_type):
 
 
 def compile_for_training(model, device_type):
-    """torch.compile a model to train. On the CPU with aten's random numbers for dropout: inductor's own take
-    1.2x as long for config/cpu.py's whole step there (bench.py --parts=step)."""
+    """torch.compile a model to train. On the CPU with aten's random numbers for dropout: with inductor's own,
+    config/cpu.py's whole step took 1.07x as long on 2 threads, 1.23x on one (docs/performance.md)."""
     import torch
     check_compiler(device_type)
     if device_type == 'cpu':

@@ -82,8 +82,8 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
         self.layer_idx = layer_idx  # which of a KV cache's layers is this one's
-        # F.scaled_dot_product_attention (fused kernels); False: the plain reference, which is also taken for short
-        # bf16 sequences on the CPU, where the fused kernel's backward is 3x slower (bench.py --parts=attention)
+        # F.scaled_dot_product_attention (fused kernels); False: the plain reference, which is also taken for
+        # short bf16 sequences on the CPU, where the fused backward is several times slower (bench.py --parts=attention)
         self.use_sdpa = True
         self.rotary = (Rotary(config.n_embd // config.n_head, config.block_size, config.rope_theta)
                        if config.pos_emb == 'rope' else None)
