@@ -297,7 +297,7 @@ def checkpoint_config(checkpoint, path, config, resume):
     """The GPTConfig of a train.py (or nanoGPT) checkpoint, checked against the GPTConfig `config` of
     the run that loads it: to resume, the same model, with the optimizer and random states to go on
     with; to fine-tune, the same but for block_size (cropped, never grown) and vocab_size (the
-    data's may be smaller). Neither depends on dropout, which may be missing."""
+    data's may be smaller). Neither depends on the dropout rates, which may be missing."""
     from dataclasses import asdict
     from model import GPTConfig
     saved = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
@@ -315,7 +315,7 @@ def checkpoint_config(checkpoint, path, config, resume):
         die(f"{path} holds model_args that model.py cannot build: {e}")
     have, wanted = asdict(saved), asdict(config)
     differ = [f"{k}={have[k]} (the config says {wanted[k]})" for k in wanted if have[k] != wanted[k]
-              and k not in ('dropout', 'vocab_size') and (k != 'block_size' or resume)]
+              and k not in ('dropout', 'attn_dropout', 'vocab_size') and (k != 'block_size' or resume)]
     if differ:
         die(f"{path} holds a model of another shape: {', '.join(differ)}; train with the config it was made with")
     if config.block_size > saved.block_size:

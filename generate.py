@@ -205,7 +205,7 @@ class RowCache:
     def attend(self, i, q, k, v):
         keys, values = self.layers[i]
         rows = torch.arange(len(self.pos), device=q.device)
-        keys[rows, :, self.pos], values[rows, :, self.pos] = k[:, :, 0], v[:, :, 0]
+        keys[rows, :, self.pos], values[rows, :, self.pos] = k[:, :, 0].to(keys.dtype), v[:, :, 0].to(values.dtype)
         seen = torch.arange(keys.size(2), device=q.device) <= self.pos[:, None]  # each row its own positions
         # the plain product, softmax and product: SDPA's CPU kernel splits its work by thread so that a
         # row's result depends on its slot in the batch (seen with 2 threads), and a row's text would

@@ -21,7 +21,8 @@ GPT2_SHAPE = dict(pos_emb='learned', norm='layernorm', mlp='gelu')
 LLAMA_SHAPE = dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu')
 # model_args that either model holds as they are: sizes, biases (GPT-2's as zeros when absent,
 # Llama's attention_bias and mlp_bias), a separate output layer, and the rotary base
-FREE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'bias', 'tie_embeddings', 'rope_theta')
+FREE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'attn_dropout', 'bias', 'tie_embeddings',
+        'rope_theta')
 EOT = '<|endoftext|>'
 
 
@@ -65,7 +66,7 @@ def save_gpt2(model, folder, vocab_size, eot_token):
     save_weights(state, folder)
     GPT2Config(vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                n_head=cfg.n_head, activation_function='gelu',  # model.py's exact GELU, not GPT-2's tanh one
-               resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=1e-5,
+               resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.attention_dropout(), layer_norm_epsilon=1e-5,
                bos_token_id=eot_token, eos_token_id=eot_token, tie_word_embeddings=cfg.tie_embeddings,
                architectures=['GPT2LMHeadModel']).save_pretrained(folder)
     save_generation_config(folder, eot_token)
@@ -79,7 +80,7 @@ def llama_config(config, hidden, vocab_size, eot_token=None):
         num_attention_heads=config.n_head, num_key_value_heads=config.n_head, max_position_embeddings=config.block_size,
         rms_norm_eps=1e-5, rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
         tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
-        attention_dropout=config.dropout, hidden_act='silu', bos_token_id=eot_token, eos_token_id=eot_token,
+        attention_dropout=config.attention_dropout(), hidden_act='silu', bos_token_id=eot_token, eos_token_id=eot_token,
         architectures=['LlamaForCausalLM'])
     llama.rope_theta = config.rope_theta  # where transformers 4 and llama.cpp's converter read it
     return llama

@@ -76,11 +76,11 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = nn.Dropout(config.attention_dropout())
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.dropout = config.dropout
+        self.dropout = config.attention_dropout()
         self.layer_idx = layer_idx  # which of a KV cache's layers is this one's
         # F.scaled_dot_product_attention (fused kernels); False: the plain reference, which is also taken for
         # short bf16 sequences on the CPU, where the fused backward is several times slower (bench.py --parts=attention)
@@ -168,6 +168,7 @@ class GPTConfig:
     mlp: str = 'gelu'  # 'gelu' or 'swiglu' (Llama's)
     tie_embeddings: bool = True  # the output layer reuses the token embedding, as GPT-2; False: its own
     rope_theta: float = 10000.0  # rotary base: pair i turns at rope_theta^(-2i/head_dim) per position
+    attn_dropout: float | None = None  # dropout on the attention weights; None: dropout's (GPT-2 has one rate)
 
     def __post_init__(self):
         """Every option's range, checked once here: train.py, load_model and hf.py all build one."""
@@ -181,11 +182,16 @@ class GPTConfig:
             "mlp in ('gelu', 'swiglu')": self.mlp in ('gelu', 'swiglu'),
             "pos_emb != 'rope' or n_embd // n_head % 2 == 0": self.pos_emb != 'rope' or head % 2 == 0,  # rotary pairs
             'rope_theta > 0': self.rope_theta > 0,
+            'attn_dropout is None or 0 <= attn_dropout < 1': self.attn_dropout is None or 0 <= self.attn_dropout < 1,
         }
         for rule, ok in rules.items():
             if not ok:
                 names = [k for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in self.__dataclass_fields__]
                 raise ValueError(f"need {rule}, got {', '.join(f'{k}={getattr(self, k)!r}' for k in names)}")
+
+
+    def attention_dropout(self):
+        return self.dropout if self.attn_dropout is None else self.attn_dropout
 
 
 class GPT(nn.Module):

@@ -59,6 +59,7 @@ n_layer = 6  # >= 1
 n_head = 6  # >= 1
 n_embd = 384  # a multiple of n_head
 dropout = 0.1  # in [0, 1)
+attn_dropout: float | None = None  # dropout on the attention weights, in [0, 1); None: dropout's
 bias = True  # biases in Linears and LayerNorms
 pos_emb = 'learned'  # 'learned' (GPT-2) or 'rope' (rotary, Llama)
 norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)

@@ -303,6 +303,18 @@ def test_compiled_rows_decode_as_eager_alone_or_among_eight():
     assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], temperature=0, compile=True) == eager
 
 
+def test_rows_decode_bf16_weights_over_their_float32_cache():
+    # as serve.py does on a CPU with bf16: the new keys and values are bf16, the cache they go into float32
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)
+    model = model.to(torch.bfloat16)
+    got = decode_rows(model, [list(range(8))], temperature=0)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        idx = torch.tensor([prompt[-16:]])
+        assert got[i][:5] == generate(model, idx, 5, temperature=0)[0, idx.size(1):].tolist(), i
+
+
 def test_rows_join_and_leave():
     rows = Rows(tiny(), max_rows=2)
     a, b = rows.add([1, 2]), rows.add([3])

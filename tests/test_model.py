@@ -36,6 +36,26 @@ def test_sdpa_and_plain_attention_agree():
     torch.testing.assert_close(sdpa, plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('use_sdpa', [True, False])
+def test_attn_dropout_sets_the_attention_weights_rate_apart(use_sdpa):
+    """Training, with every other dropout off: attn_dropout=0.0 leaves nothing random, while the default
+    (None: dropout's rate) drops attention weights, so two passes differ; either attention path."""
+    def two_passes(**options):
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97, dropout=0.3, **options))
+        model.train()
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Dropout) and not name.endswith('attn_dropout'):
+                module.p = 0.0
+        for block in model.transformer.h:
+            block.attn.use_sdpa = use_sdpa
+        idx = torch.randint(97, (2, 16))
+        return model(idx, idx)[1], model(idx, idx)[1]
+    assert torch.equal(*two_passes(attn_dropout=0.0))
+    assert not torch.equal(*two_passes())
+    with pytest.raises(ValueError, match='attn_dropout is None or 0 <= attn_dropout < 1'):
+        GPTConfig(attn_dropout=1.0)
+
+
 def test_weight_tying_and_gpt2_init():
     model = GPT(GPTConfig(n_layer=4, n_head=2, n_embd=64, vocab_size=500))
     assert model.transformer.wte.weight is model.lm_head.weight

@@ -530,7 +530,8 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     ('--learning_rate=-1e-3', 'learning_rate > 0'), ('--min_lr=-1e-3', 'min_lr >= 0'), ('--beta1=1', '0 <= beta1 < 1'),
     ('--beta2=1.5', '0 <= beta2 < 1'), ('--weight_decay=-0.1', 'weight_decay >= 0'), ('--warmup_iters=-1', 'warmup_iters >= 0'),
     ('--lr_decay_iters=1', 'not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr=True, lr_decay_iters=1, warmup_iters=2'),
-    ('--ema=1', '0 <= ema < 1'), ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
+    ('--ema=1', '0 <= ema < 1'), ('--attn_dropout=1.0', 'attn_dropout is None or 0 <= attn_dropout < 1'),
+    ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
     ('--dtype=fp8', "dtype in ('auto', 'float32', 'bfloat16', 'float16')"),
     ('--optimizer=sgd', "optimizer in ('adamw', 'muon'), got optimizer='sgd'"),
     ('--pos_emb=alibi', "pos_emb='alibi'"), ('--mlp=relu', "mlp='relu'"),  # GPTConfig's own checks
