@@ -84,6 +84,37 @@ def compile_for_training(model, device_type):
     return torch.compile(model)
 
 
+def weight_average(model, decay, resumed=None):
+    """An exponential moving average of model's weights (torch.optim.swa_utils), evaluated in its place; from a
+    resumed checkpoint's average when it holds one."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).eval()
+    if resumed and 'ema_updates' in resumed:
+        averaged.module.load_state_dict(resumed['model'])
+        averaged.n_averaged.fill_(resumed['ema_updates'])
+    return averaged
+
+
+def weights_to_save(model, averaged):
+    """A checkpoint's weights: 'model' is what sample.py, eval.py and export.py read (the average, if any);
+    with an average the trained weights go beside it, to resume."""
+    if averaged is None:
+        return {'model': model.state_dict()}
+    return {'model': averaged.module.state_dict(), 'trained_model': model.state_dict(),
+            'ema_updates': int(averaged.n_averaged)}
+
+
+def check_same_weights(model, world_size):
+    """Every DDP process must end with the same weights, or their gradients were not kept in sync."""
+    import torch
+    import torch.distributed as dist
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    all_sums = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(all_sums, sums)
+    if not all(torch.equal(s, sums) for s in all_sums):
+        die("the DDP processes ended with different weights: their gradients were not kept in sync")
+
+
 def autocast(device_type, dtype):
     """Mixed precision context for forward passes; a no-op for float32."""
     import torch

@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from common import (NANOGPT_ARGS, autocast, checkpoint_config, compile_for_training, die, get_device, get_dtype,
-                    keep_freed_memory, load_checkpoint, lock_folder, log, open_split, read_meta, remove_stale_temps,
-                    rng_state, set_rng_state, write_checkpoint)
+from common import (NANOGPT_ARGS, autocast, check_same_weights, checkpoint_config, compile_for_training, die,
+                    get_device, get_dtype, keep_freed_memory, load_checkpoint, lock_folder, log, open_split, read_meta,
+                    remove_stale_temps, rng_state, set_rng_state, weight_average, weights_to_save, write_checkpoint)
 from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
@@ -249,12 +248,7 @@ if init_from == 'resume':
             sys.exit(0)
 
 raw_model = model  # the bare model: its state_dict has no compile or DDP prefixes
-averaged = None
-if ema:
-    averaged = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema)).eval()
-    if init_from == 'resume' and 'ema_updates' in checkpoint:
-        averaged.module.load_state_dict(checkpoint['model'])
-        averaged.n_averaged.fill_(checkpoint['ema_updates'])
+averaged = weight_average(raw_model, ema, checkpoint if init_from == 'resume' else None) if ema else None
 checkpoint = None  # free its memory
 if compile is None:
     compile = device_type == 'cuda'
@@ -312,8 +306,7 @@ def save_checkpoint(names):
     if not master_process:
         return
     checkpoint = {
-        'model': (averaged.module if averaged else raw_model).state_dict(),
-        **({'trained_model': raw_model.state_dict(), 'ema_updates': int(averaged.n_averaged)} if averaged else {}),
+        **weights_to_save(raw_model, averaged),
         'model_args': model_args,
         'tokenizer': tokenizer,
         'iter_num': iter_num,
@@ -436,12 +429,7 @@ if master_process:
 if stop and saved_at != iter_num:
     save_checkpoint(['last.pt'])
 if ddp:
-    # a real check that DDP did its job: every process must end with the same weights
-    sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
-    all_sums = [torch.empty_like(sums) for _ in range(world_size)]
-    dist.all_gather(all_sums, sums)
-    if not all(torch.equal(s, sums) for s in all_sums):
-        die("the DDP processes ended with different weights: their gradients were not kept in sync")
+    check_same_weights(raw_model, world_size)  # a real check that DDP did its job
     # free DDP's reducer, which holds gloo work objects, while the process group still lives: left to
     # the interpreter's teardown, they abort the process now and then (SIGABRT)
     model = None
