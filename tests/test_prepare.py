@@ -229,6 +229,7 @@ def test_held_out_documents_are_not_trained_on(tmp_path, monkeypatch):
     assert (tmp_path / 'd' / 'tokenizer.json').read_text(encoding='utf-8') == tokenizer.train_bpe(docs['train'], 300)
 
 
+@needs_tokenizer
 def test_a_data_dirs_or_checkpoints_tokenizer_is_reused(tmp_path, monkeypatch):
     """New data in the tokens a model already reads, to fine-tune it: the tokenizer is copied, not trained."""
     import torch
@@ -271,6 +272,7 @@ def test_bpe_dropout_adds_copies_of_the_train_documents_split_otherwise(tmp_path
                                                         f'--data_dir={tmp_path / "g"}')
 
 
+@needs_tokenizer
 def test_rerun_skip_knows_the_tokenizer(tmp_path, monkeypatch, capsys):
     src = write_txt(tmp_path / 'stories.txt', STORIES)
     tok = tmp_path / 'd' / 'tokenizer.json'
@@ -287,6 +289,7 @@ def test_rerun_skip_knows_the_tokenizer(tmp_path, monkeypatch, capsys):
     assert read(tmp_path / 'd')[0]['tokenizer'] == 'gpt2'
 
 
+@needs_tokenizer
 def test_failed_bpe_rerun_keeps_the_old_tokenizer(tmp_path, monkeypatch):
     """tokenizer.json is replaced with the .bin files, only once all of them are complete."""
     src = write_txt(tmp_path / 'stories.txt', STORIES)
