@@ -52,6 +52,7 @@ seed = 1337  # story i draws from a generator seeded seed + i: the same seed giv
 story_batch = 16  # stories decoded together (generate.Rows)
 copy_n = 8  # copying is counted in word n-grams of this length: real unseen stories share ~1% of their 8-grams
 # with the training stories (stock phrases), 3.7% of their 6-grams
+copy_stories = 10000  # copying is checked against the first copy_stories training stories: all of the sample's 1,096
 grammar = True  # count the sentences link grammar cannot parse (Debian's link-grammar: link-parser), when installed
 show = 2  # print this many of the stories, each beside the real one
 judge_url = ''  # an OpenAI-compatible chat endpoint (http://127.0.0.1:8080/v1) to grade the stories as the TinyStories paper
@@ -73,7 +74,7 @@ if logits_chunk < 1:
 for name in ('stories', 'opening_tokens', 'show'):
     if globals()[name] < 0:
         die(f"{name} must be >= 0, got {globals()[name]}")
-for name in ('max_new_tokens', 'story_batch', 'copy_n'):
+for name in ('max_new_tokens', 'story_batch', 'copy_n', 'copy_stories'):
     if globals()[name] < 1:
         die(f"{name} must be at least 1, got {globals()[name]}")
 if stories:
@@ -154,8 +155,9 @@ if stories:
     train_stories, copies = [], None
     if os.path.isfile(os.path.join(data_dir, 'train.bin')):
         train = open_split(data_dir, meta, 'train')
-        count = (meta.get('train') or {}).get('documents')
-        train_stories = [enc.decode(d) for d in story_text.split_documents(np.asarray(train), enc.eot_token)[:count]]
+        count = min((meta.get('train') or {}).get('documents') or copy_stories, copy_stories)
+        head = np.asarray(train[:count * 4096])  # TinyStories' stories are ~250 tokens; the whole dataset, 470M, is not read
+        train_stories = [enc.decode(d) for d in story_text.split_documents(head, enc.eot_token)[:count]]
         copies = story_text.CopyIndex(train_stories, copy_n)
     else:
         log(f"no {data_dir}/train.bin: copying is not measured, and only the word list's names are known")
