@@ -123,8 +123,11 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     top = logits[:, :1] if ids is not None else logits.amax(dim=-1, keepdim=True)
     probs = F.softmax((logits - top) / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
-        # drop a token once the likelier ones already reach top_p; the top token always stays
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0)
+        # drop a token once the likelier ones already reach top_p; the top token always stays, even
+        # where top_p rounds to 0 in float32 (below ~1e-45), which would drop them all
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False
+        probs = probs.masked_fill(drop, 0)
     # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry, which
     # costs more than a whole cached forward pass of a small model on the CPU
     cdf = torch.cumsum(probs, dim=-1)
