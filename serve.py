@@ -5,25 +5,33 @@ Serve a model trained by train.py over HTTP: a page to write stories in, and Ope
 then open http://127.0.0.1:8000, or point any OpenAI client at base_url http://127.0.0.1:8000/v1.
 The requests in flight are decoded together: one thread owns the model and runs one batched step
 for all of them (generate.Rows); the web server hands it requests and streams back their tokens.
+It trusts no one it need not: the API's routes want the key (api_key, or SERVE_API_KEY) where one is
+set, the Host header must name this server (against DNS rebinding), and every limit below holds.
 """
 import asyncio
 import codecs
 import json
 import os
+import resource
+import secrets
+import signal
 import threading
 import time
 import uuid
 from collections import deque
 
+import h11
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from common import check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
+from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log,
+                    set_threads)
 from generate import Rows, check_options
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
@@ -32,12 +40,18 @@ out_dir = 'out-cpu'  # where train.py saved its checkpoints
 ckpt = 'best'  # best or last (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # as sample.py: bf16 where the CPU or GPU has it, else float32; not float32 casts the weights
-host = '127.0.0.1'  # the address to listen on; 0.0.0.0 serves other machines too
+host = '127.0.0.1'  # the address to listen on; 0.0.0.0 serves other machines too (set api_key then)
 port = 8000  # 1 to 65535
+api_key = ''  # clients must send "Authorization: Bearer KEY" to /v1/* and /metrics; '': SERVE_API_KEY's, else none asked
+allowed_hosts = ''  # Host header names answered, comma-separated; '': localhost names on 127.0.0.1/::1, any on 0.0.0.0/::, else host; '*': any
 max_batch = 8  # rows decoded together: requests beyond it wait for a free row
 max_tokens_limit = 1024  # the most max_tokens a request may ask for
-max_queue = 32  # requests that may wait for a free row; more get 429 Too Many Requests
+max_queue = 32  # requests that may wait for a free row, streamed or not; more get 429 Too Many Requests
 max_prompt_chars = 20000  # longer prompts get 400 (the model sees only the last block_size tokens anyway)
+max_body_bytes = 1_000_000  # larger request bodies get 413 (a max_prompt_chars prompt, JSON-escaped, is at most 120 kB)
+max_connections = 512  # connections open at once (idle, sending or served); more are closed at once; at most ulimit -n allows
+request_timeout = 20.0  # seconds a connection has to send a whole request, head and body; slower ones are closed
+threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
 compile = False  # torch.compile the batched decoding step: slower to start (tens of seconds on a CPU), then faster steps
 # -----------------------------------------------------------------------------
@@ -46,9 +60,18 @@ if not ckpt:
     die("ckpt must be best, last or the path of a checkpoint")
 if not 1 <= port <= 65535:
     die(f"port must be from 1 to 65535, got {port}")
-for name, least in (('max_batch', 1), ('max_tokens_limit', 1), ('max_queue', 0), ('max_prompt_chars', 0)):
+for name, least in (('max_batch', 1), ('max_tokens_limit', 1), ('max_queue', 0), ('max_prompt_chars', 0),
+                    ('max_body_bytes', 1), ('max_connections', 1), ('request_timeout', 0.001)):
     if globals()[name] < least:
         die(f"{name} must be at least {least}, got {globals()[name]}")
+api_key = api_key or os.environ.get('SERVE_API_KEY', '')
+if allowed_hosts:
+    hosts = {h.strip().lower() for h in allowed_hosts.split(',') if h.strip()}
+elif host in ('127.0.0.1', '::1', 'localhost'):
+    hosts = {'localhost', '127.0.0.1', '[::1]'}
+else:
+    hosts = {'*'} if host in ('0.0.0.0', '::', '') else {host.lower(), f'[{host.lower()}]'}
+threads = set_threads(threads)
 try:  # before the slow part, loading the model; Rows checks it against block_size
     check_options(window_shift=1 if window_shift is None else window_shift)
 except ValueError as e:
@@ -84,6 +107,8 @@ created = int(os.path.getmtime(path))
 changed = threading.Condition()  # guards waiting, leaving and stopping, and wakes the thread
 waiting, leaving, stopping = deque(), [], False
 decoding = {}  # slot -> its Job; the thread's own
+admitted = set()  # the event loop's: jobs from admission until released, at most max_batch + max_queue
+generated = 0  # tokens made, for /metrics
 
 
 class Job:
@@ -93,6 +118,7 @@ class Job:
         self.ids, self.options, self.max_tokens = ids, options, max_tokens
         self.loop, self.out = asyncio.get_running_loop(), asyncio.Queue()
         self.slot, self.made = None, 0  # the thread's: its row, the tokens it has made
+        self.began = time.perf_counter()
 
     def send(self, item):
         try:
@@ -111,6 +137,7 @@ def end(job, reason=None):
 
 
 def decode_forever():
+    global generated
     while True:
         with changed:
             changed.wait_for(lambda: stopping or waiting or leaving or decoding)
@@ -133,6 +160,7 @@ def decode_forever():
                 if job.slot is not None:
                     end(job)
             continue
+        generated += len(tokens)
         for slot, token in tokens.items():
             job = decoding[slot]
             job.made += 1
@@ -141,38 +169,21 @@ def decode_forever():
                 end(job, 'stop' if token == enc.eot_token else 'length')
 
 
-async def pieces(job, stop):
-    """Hand job to the thread; yield (text, None) as the completion is written, then (its last text,
-    finish_reason). Text that may begin a stop string is held back until it cannot; a stop string and
-    what follows are cut. Counts the tokens read in job.used. However it ends (the text is done, a stop
-    string came, the client went away and cancelled it), the job's row or place in the queue is freed."""
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end inside a character
-    hold = max(map(len, stop), default=1) - 1
-    held, reason, job.used = '', None, 0
+def admit(job):
+    """Give job a place, or False when max_batch + max_queue requests already have one, streamed or not."""
+    if len(admitted) >= max_batch + max_queue:
+        return False
+    admitted.add(job)
     with changed:
         waiting.append(job)
         changed.notify()
-    try:
-        while reason is None:
-            item = await job.out.get()
-            if isinstance(item, Exception):
-                raise item
-            if isinstance(item, str):
-                reason, new = item, decoder.decode(b'', final=True)
-            else:
-                job.used += 1
-                # <|endoftext|> and ids past the tokenizer's (a vocabulary padded for speed) have no text
-                known = item < enc.n_vocab and item != enc.eot_token
-                new = decoder.decode(enc.decode_single_token_bytes(item) if known else b'')
-            held += new
-            cut = min((i for i in map(held.find, stop) if i >= 0), default=-1)
-            if cut >= 0:
-                held, reason = held[:cut], 'stop'
-            text = held if reason else held[:max(0, len(held) - hold)]
-            held = held[len(text):]
-            if text or reason:
-                yield text, reason
-    finally:
+    return True
+
+
+def release(job):
+    """Free job's row or place in the queue, once, however its request ended."""
+    if job in admitted:
+        admitted.discard(job)
         with changed:
             if job in waiting:
                 waiting.remove(job)
@@ -181,14 +192,126 @@ async def pieces(job, stop):
             changed.notify()
 
 
+async def pieces(job, stop):
+    """Yield (text, None) as job's completion is written, then (its last text, finish_reason). Text that
+    may begin a stop string is held back until it cannot; a stop string and what follows are cut.
+    Counts the tokens read in job.used, and times them for /metrics."""
+    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end inside a character
+    hold = max(map(len, stop), default=1) - 1
+    held, reason, job.used, last = '', None, 0, None
+    while reason is None:
+        item = await job.out.get()
+        if isinstance(item, Exception):
+            raise item
+        if isinstance(item, str):
+            reason, new = item, decoder.decode(b'', final=True)
+        else:
+            now = time.perf_counter()
+            (ttft if last is None else per_token).observe(now - (job.began if last is None else last))
+            job.used, last = job.used + 1, now
+            # <|endoftext|> and ids past the tokenizer's (a vocabulary padded for speed) have no text
+            known = item < enc.n_vocab and item != enc.eot_token
+            new = decoder.decode(enc.decode_single_token_bytes(item) if known else b'')
+        held += new
+        cut = min((i for i in map(held.find, stop) if i >= 0), default=-1)
+        if cut >= 0:
+            held, reason = held[:cut], 'stop'
+        text = held if reason else held[:max(0, len(held) - hold)]
+        held = held[len(text):]
+        if text or reason:
+            yield text, reason
+
+
+def cut_off():
+    """The second Ctrl-C: end every request now, with a 503 or a last error event, so the server can stop."""
+    for job in list(admitted):
+        job.send(HTTPException(503, "the server is shutting down (a second Ctrl-C): retry when it is back"))
+
+
+# -----------------------------------------------------------------------------
+# /metrics, in Prometheus' text format
+class Histogram:
+    def __init__(self, name, what, bounds):
+        self.name, self.what, self.bounds = name, what, bounds
+        self.counts, self.sum = [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, seconds):
+        self.counts[next((i for i, b in enumerate(self.bounds) if seconds <= b), len(self.bounds))] += 1
+        self.sum += seconds
+
+    def text(self):
+        lines, total = [f'# HELP {self.name} {self.what}', f'# TYPE {self.name} histogram'], 0
+        for bound, count in zip([*map(str, self.bounds), '+Inf'], self.counts):
+            total += count
+            lines.append(f'{self.name}_bucket{{le="{bound}"}} {total}')
+        return lines + [f'{self.name}_sum {self.sum}', f'{self.name}_count {total}']
+
+
+ttft = Histogram('serve_time_to_first_token_seconds', 'From a request admitted to its first token.',
+                 [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
+per_token = Histogram('serve_time_per_output_token_seconds', 'Between one token of a request and its next.',
+                      [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5])
+counted = {'busy': 0, 'connections_refused': 0}  # 429s; connections closed at once, past max_connections
+
+
 # -----------------------------------------------------------------------------
 # The web server: it only checks requests, hands them to the thread and writes out what comes back.
 app = FastAPI(title='serve.py', docs_url=None, redoc_url=None)
 
 
-def error(status, message, param=None, kind='invalid_request_error', headers=None):
-    body = {'error': {'message': message, 'type': kind, 'param': param, 'code': None}}
+def error(status, message, param=None, kind='invalid_request_error', headers=None, code=None):
+    body = {'error': {'message': message, 'type': kind, 'param': param, 'code': code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Guard:
+    """Before FastAPI reads a request: its Host must name this server (DNS rebinding), routes but the page
+    and /health want the key, and a body may not pass max_body_bytes. A completion's body is read as
+    JSON whatever its Content-Type says (curl -d sends application/x-www-form-urlencoded)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
+        headers = dict(scope['headers'])
+        name = headers.get(b'host', b'').decode('latin-1').lower()
+        name = name[:name.index(']') + 1] if name.startswith('[') and ']' in name else name.split(':')[0]
+        if '*' not in hosts and name not in hosts:
+            problem = error(400, f"the Host header {name!r} is not a name of this server ({', '.join(sorted(hosts))}): "
+                                 f"ask for one of those, or start serve.py with --allowed_hosts={name or 'NAME'}")
+        elif api_key and scope['path'] not in ('/', '/health') and not secrets.compare_digest(
+                headers.get(b'authorization', b''), b'Bearer ' + api_key.encode()):
+            said = 'is wrong' if b'authorization' in headers else 'is missing'
+            problem = error(401, f"the API key {said}: send the header 'Authorization: Bearer KEY' "
+                                 "(OpenAI's clients: api_key=KEY) with the key serve.py was started with",
+                            code='invalid_api_key', headers={'WWW-Authenticate': 'Bearer'})
+        elif int(headers.get(b'content-length', b'0') or 0) > max_body_bytes:
+            problem = too_large()
+        else:
+            if scope['method'] == 'POST' and scope['path'] == '/v1/completions':
+                scope = {**scope, 'headers': [(k, v) for k, v in scope['headers'] if k != b'content-type']
+                         + [(b'content-type', b'application/json')]}
+            size = 0
+
+            async def receive_counted():  # a chunked body has no Content-Length: count it as it comes
+                nonlocal size
+                message = await receive()
+                size += len(message.get('body', b''))
+                if size > max_body_bytes:
+                    raise HTTPException(413, too_large().body.decode())
+                return message
+            return await self.app(scope, receive_counted, send)
+        await problem(scope, receive, send)
+
+
+def too_large():
+    return error(413, f"the body is larger than this server takes ({max_body_bytes} bytes): send a shorter "
+                      "prompt, or start serve.py with a larger --max_body_bytes")
+
+
+app.add_middleware(Guard)
 
 
 @app.exception_handler(RequestValidationError)
@@ -205,6 +328,8 @@ async def invalid_request(request, exc):
 
 @app.exception_handler(HTTPException)
 async def http_error(request, exc):
+    if exc.status_code == 413:  # raised as the body came in, by Guard
+        return too_large()
     return error(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
@@ -261,7 +386,7 @@ class CompletionRequest(BaseModel):
         return n
 
 
-@app.get('/')
+@app.api_route('/', methods=['GET', 'HEAD'])
 async def page():
     html = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'serve.html')
     if not os.path.isfile(html):
@@ -269,9 +394,25 @@ async def page():
     return FileResponse(html, media_type='text/html')
 
 
-@app.get('/health')
+@app.api_route('/health', methods=['GET', 'HEAD'])
 async def health():
     return {'status': 'ok', 'active': len(decoding), 'waiting': len(waiting)}
+
+
+@app.get('/metrics')
+async def metrics():
+    lines = []
+    for name, kind, what, value in [
+            ('serve_requests_running', 'gauge', 'Requests decoding now.', len(decoding)),
+            ('serve_requests_waiting', 'gauge', 'Requests waiting for a free row.', len(waiting)),
+            ('serve_generation_tokens_total', 'counter', 'Tokens generated.', generated),
+            ('serve_requests_rejected_total', 'counter', 'Requests turned away with 429: max_queue was full.',
+             counted['busy']),
+            ('serve_connections_refused_total', 'counter', 'Connections closed at once: max_connections were open.',
+             counted['connections_refused'])]:
+        lines += [f'# HELP {name} {what}', f'# TYPE {name} {kind}', f'{name} {value}']
+    lines += ttft.text() + per_token.text()
+    return PlainTextResponse('\n'.join(lines) + '\n', media_type='text/plain; version=0.0.4')
 
 
 @app.get('/v1/models')
@@ -279,15 +420,36 @@ async def models():
     return {'object': 'list', 'data': [{'id': model_name, 'object': 'model', 'created': created, 'owned_by': 'user'}]}
 
 
+class Stream(StreamingResponse):
+    """Server-sent events that release their job however the response ends, even before it began."""
+
+    def __init__(self, job, events):
+        super().__init__(events, media_type='text/event-stream')
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            release(self.job)
+
+
+async def until_gone(request):
+    """Returns when the client hangs up: once the body is read, uvicorn's next message says so."""
+    while (await request.receive())['type'] != 'http.disconnect':
+        pass
+
+
 @app.post('/v1/completions')
-async def completions(body: CompletionRequest):
-    if len(decoding) + len(waiting) >= max_batch + max_queue:
-        return error(429, f"the server is busy: {max_batch} requests decoding and {max_queue} waiting; retry later",
-                     kind='rate_limit_error', headers={'Retry-After': '1'})
+async def completions(body: CompletionRequest, request: Request):
     # as sample.py: every story in train.bin follows an <|endoftext|>, which tells the model a new story begins
     ids = [enc.eot_token] + enc.encode(body.prompt, allowed_special='all')
     job = Job(ids, dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed),
               body.max_tokens)
+    if not admit(job):
+        counted['busy'] += 1
+        return error(429, f"the server is busy: {max_batch} requests decoding and {max_queue} waiting; retry later",
+                     kind='rate_limit_error', headers={'Retry-After': '1'})
     head = {'id': f'cmpl-{uuid.uuid4().hex}', 'object': 'text_completion', 'created': int(time.time()),
             'model': model_name}
 
@@ -298,24 +460,117 @@ async def completions(body: CompletionRequest):
         return {'prompt_tokens': len(ids), 'completion_tokens': job.used, 'total_tokens': len(ids) + job.used}
 
     if body.stream:
-        async def events():  # a client that goes away cancels it, and pieces frees the row at once
-            async for text, reason in pieces(job, body.stop):
-                yield f"data: {json.dumps({**head, 'choices': [choice(text, reason)]})}\n\n"
+        async def events():  # a client that goes away cancels it, and Stream frees the row at once
+            try:
+                async for text, reason in pieces(job, body.stop):
+                    yield f"data: {json.dumps({**head, 'choices': [choice(text, reason)]})}\n\n"
+            except Exception as e:  # headers are sent: the fault goes in a last event, as OpenAI's
+                problem = e.detail if isinstance(e, HTTPException) else f"the server failed: {type(e).__name__}: {e}"
+                yield f"data: {json.dumps({'error': {'message': problem, 'type': 'server_error'}})}\n\n"
+                return
             if body.stream_options.get('include_usage'):
                 yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage()})}\n\n"
             yield 'data: [DONE]\n\n'
-        return StreamingResponse(events(), media_type='text/event-stream')
-    texts = []
-    async for text, reason in pieces(job, body.stop):
-        texts.append(text)
+        return Stream(job, events())
+
+    texts, reason = [], None
+
+    async def read():
+        nonlocal reason
+        async for text, reason in pieces(job, body.stop):
+            texts.append(text)
+    reading, gone = asyncio.ensure_future(read()), asyncio.ensure_future(until_gone(request))
+    try:  # a client that hangs up (or times out) frees its row at once, as a streamed one does
+        await asyncio.wait([reading, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        reading.cancel()
+        gone.cancel()
+        release(job)
+    if not reading.done() or reading.cancelled():
+        return Response(status_code=499)  # nobody reads it
+    reading.result()  # the job's fault, if any
     return {**head, 'choices': [choice(''.join(texts), reason)], 'usage': usage()}
+
+
+class Connection(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with the limits it lacks: at most max_connections open (more are
+    closed at once, before they use up the process's files), and request_timeout seconds to send each
+    whole request (a client that sends slowly, or never finishes, is closed)."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.deadline = self.loop.call_later(request_timeout, self.too_slow)
+        if len(self.connections) > max_connections:
+            counted['connections_refused'] += 1
+            transport.close()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self.deadline.cancel()  # the next request on this connection has its own time
+        self.deadline = self.loop.call_later(request_timeout, self.too_slow)
+
+    def connection_lost(self, exc):
+        self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def too_slow(self):
+        if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE) and not self.transport.is_closing():
+            self.transport.close()
+
+
+class Server(uvicorn.Server):
+    async def serve(self, sockets=None):
+        asyncio.get_running_loop().set_exception_handler(out_of_files)
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame):
+        """The first Ctrl-C (or SIGTERM) lets the requests in flight end; the second ends them now, each with
+        a last word (cut_off); a third stops at once."""
+        if self.should_exit and sig == signal.SIGINT and not getattr(self, 'cutting', False):
+            self.cutting = True
+            cut_off()
+        else:
+            super().handle_exit(sig, frame)
+
+
+# A connection holds a file, and asyncio accepts up to BACKLOG at once before any is closed: raise the soft
+# limit on open files where the hard one allows, and keep max_connections clear of it.
+BACKLOG = 64
+limit, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+need = max_connections + len(os.listdir('/dev/fd')) + BACKLOG + 16
+if limit < need:
+    limit = need if hard == resource.RLIM_INFINITY else min(hard, need)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+if limit < need:
+    max_connections = max(1, max_connections - (need - limit))
+    log(f"max_connections lowered to {max_connections}: ulimit -n is {limit} (raise it to serve more connections)")
+said = 0.0  # when out_of_files last spoke
+
+
+def out_of_files(loop, context):
+    """asyncio logs a traceback for each connection it could not accept, thousands a second when the process
+    runs out of files (ulimit -n): say it in one line, at most every 10 s."""
+    global said
+    if context.get('message') != 'socket.accept() out of system resource':
+        return loop.default_exception_handler(context)
+    if time.monotonic() - said > 10:
+        said = time.monotonic()
+        log(f"new connections wait: {context['exception']} (ulimit -n is {limit}; raise it, or lower max_connections)")
 
 
 thread = threading.Thread(target=decode_forever, name='decoding')
 thread.start()
-log(f"serving {path} as {model_name} at http://{host}:{port} (Ctrl-C stops)")
+log(f"serving {path} as {model_name} at http://{host}:{port} with {threads} threads (Ctrl-C stops)")
+if not api_key and '*' in hosts:
+    log(f"warning: anyone who reaches {host}:{port} may use this server: set SERVE_API_KEY (or --api_key)")
+server = Server(uvicorn.Config(app, host=host, port=port, http=Connection, backlog=BACKLOG))
 try:
-    uvicorn.run(app, host=host, port=port)  # Ctrl-C lets the requests in flight end; a second Ctrl-C cuts them off
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises the Ctrl-C it caught again once it has stopped
+        pass
+    if not server.started:
+        die(f"serve.py could not listen on {host}:{port} (uvicorn's line above says why: another server there? --port=...)")
 finally:
     with changed:
         stopping = True
