@@ -46,8 +46,8 @@ stories = 0  # > 0: continue the split's first `stories` stories (at most its nu
 opening_tokens = 0  # each story's opening: 0 its first sentence, else its first opening_tokens tokens
 max_new_tokens = 256  # most tokens of a continuation (>= 1); the real ones are cut to as many for the reference row
 temperature = 0.8  # as sample.py: 0 is greedy
-top_k: int | None = 200
-top_p: float | None = None
+top_k: int | None = 200  # as sample.py: sample only from the k likeliest tokens (None: all)
+top_p: float | None = None  # as sample.py: the likeliest tokens that together reach top_p (None: off)
 seed = 1337  # story i draws from a generator seeded seed + i: the same seed gives the same stories and scores
 story_batch = 16  # stories decoded together (generate.Rows)
 copy_n = 8  # copying is counted in word n-grams of this length: real unseen stories share ~1% of their 8-grams

@@ -27,8 +27,8 @@ stories = 10  # openings (>= 1): the validation split's first stories; every che
 opening_tokens = 0  # each opening: 0 its story's first sentence, else its first opening_tokens tokens
 max_new_tokens = 200  # most tokens of a continuation (>= 1)
 temperature = 0.8  # as sample.py
-top_k: int | None = 200
-top_p: float | None = None
+top_k: int | None = 200  # as sample.py: sample only from the k likeliest tokens (None: all)
+top_p: float | None = None  # as sample.py: the likeliest tokens that together reach top_p (None: off)
 seed = 1337  # story i of every checkpoint draws from a generator seeded seed + i
 db = 'ratings.db'  # the SQLite file of the stories and the ratings
 report = False  # True: print each checkpoint's scores from db and exit, without serving
