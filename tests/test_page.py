@@ -49,6 +49,19 @@ def free_port():
 @pytest.fixture
 def server(tmp_path):
     """The URL of serve.py serving a tiny random model; the server is killed afterwards."""
+    yield from serving(tmp_path)
+
+
+@pytest.fixture
+def keyed_server(tmp_path):
+    """As server, with a key: SERVE_API_KEY=KEY."""
+    yield from serving(tmp_path, {'SERVE_API_KEY': KEY})
+
+
+KEY = 'sk-page-test-42'
+
+
+def serving(tmp_path, env=None):
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL_ARGS))
     torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS, 'config': {'data_dir': 'nowhere'}},
@@ -57,7 +70,7 @@ def server(tmp_path):
     log = open(tmp_path / 'serve.log', 'w+')
     proc = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={tmp_path}', f'--port={port}', '--host=127.0.0.1',
                              '--device=cpu', '--dtype=float32', f'--max_tokens_limit={LONG}'],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f'http://127.0.0.1:{port}'
     try:
         deadline = time.monotonic() + SECONDS
@@ -148,3 +161,34 @@ def test_page_streams_a_story_stops_one_and_shows_errors(page, server, tmp_path)
     assert 'temperature' in page.text_content('#error')
     assert page.text_content('#story') == PROMPT
     assert page.is_enabled('#start') and page.is_disabled('#stop')
+
+
+def test_page_asks_for_the_key_once(page, keyed_server):
+    """Where the server wants a key, the page asks for it (again, when the one given is wrong), then keeps it."""
+    asked = []
+
+    def answer(dialog):
+        asked.append(dialog.message)
+        dialog.accept(KEY if len(asked) > 1 else 'sk-wrong')
+    page.on('dialog', answer)
+    page.goto(keyed_server + '/')
+    page.fill('#max_tokens', '5')
+    for _ in range(2):
+        page.click('#start')
+        page.wait_for_function(f'document.getElementById("story").textContent.length > {len("Once upon a time")}')
+        page.wait_for_selector('#start:enabled')
+        assert page.is_hidden('#error')
+    assert len(asked) == 2 and 'API key' in asked[0] and 'wrong' in asked[1]
+    page.reload()  # kept in this browser
+    page.fill('#max_tokens', '5')
+    page.click('#start')
+    page.wait_for_selector('#start:enabled')
+    assert len(asked) == 2 and page.is_hidden('#error')
+
+    # no key given: the server's 401 message on the error line
+    page.evaluate('localStorage.clear()')
+    page.remove_listener('dialog', answer)
+    page.on('dialog', lambda dialog: dialog.dismiss())
+    page.click('#start')
+    page.wait_for_selector('#error:visible')
+    assert 'Authorization: Bearer' in page.text_content('#error')
