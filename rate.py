@@ -115,7 +115,8 @@ def write_stories(con, paths):
         return
     dev = get_device(device)
     dt = get_dtype(dtype, dev.split(':')[0])
-    starts = None
+    # a checkpoint added to a db that has stories continues the openings already there
+    starts = [row[0] for row in con.execute('select start from stories group by opening order by opening')] or None
     for path in todo:
         model, checkpoint = load_model(path, dev)
         enc = get_tokenizer(checkpoint_tokenizer(checkpoint))

@@ -32,7 +32,7 @@ SECONDS = 60  # the most any one wait here takes
 
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
-    """Two tiny random checkpoints (out_dirs ckpt-a and ckpt-b) trained on data of three stories."""
+    """Three tiny random checkpoints (out_dirs ckpt-a, ckpt-b, ckpt-c) trained on data of three stories."""
     from tokenizer import get_tokenizer
     enc = get_tokenizer()
     root = tmp_path_factory.mktemp('rate')
@@ -42,7 +42,7 @@ def checkpoints(tmp_path_factory):
     np.array(tokens, dtype=np.uint16).tofile(data / 'validation.bin')
     (data / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 50257, 'eot_token': EOT,
                                                 'validation': {'tokens': len(tokens), 'documents': 3}}))
-    for i, name in enumerate(('ckpt-a', 'ckpt-b')):
+    for i, name in enumerate(('ckpt-a', 'ckpt-b', 'ckpt-c')):
         torch.manual_seed(i)
         (root / name).mkdir()
         torch.save({'model': GPT(GPTConfig(**MODEL_ARGS)).state_dict(), 'model_args': MODEL_ARGS,
@@ -64,11 +64,11 @@ def call(url, body=None):
 class Server:
     """rate.py run as a user runs it, on a free port, over checkpoints' two out_dirs and the SQLite file db."""
 
-    def __init__(self, checkpoints, db):
+    def __init__(self, checkpoints, db, names=('ckpt-a', 'ckpt-b')):
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         self.log = open(f'{db}.log', 'a+')
-        self.proc = subprocess.Popen([sys.executable, 'rate.py', f"--out_dirs={checkpoints / 'ckpt-a'},{checkpoints / 'ckpt-b'}",
+        self.proc = subprocess.Popen([sys.executable, 'rate.py', '--out_dirs=' + ','.join(str(checkpoints / n) for n in names),
                                       '--stories=2', '--max_new_tokens=12', '--device=cpu', '--dtype=float32',
                                       f'--db={db}', f'--port={self.port}'], cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -178,6 +178,7 @@ def test_kill_9_loses_no_rating_and_keeps_the_stories(checkpoints, tmp_path):
     server = Server(checkpoints, db)
     try:
         stories = {}
+        assert call(server.url + '/api/task?rater=ann')[1]['opening'] is not None
         for opening in (0, 1):
             status, task = call(server.url + f'/api/task?rater=ann&opening={opening}')
             assert status == 200
@@ -205,11 +206,23 @@ def test_kill_9_loses_no_rating_and_keeps_the_stories(checkpoints, tmp_path):
         assert call(server.url + '/api/task?rater=ann')[1]['opening'] is None  # ann has rated everything
     finally:
         server.kill()
+    # restarted, with a third checkpoint: it continues the same openings, and the others' stories stay
+    server = Server(checkpoints, db, ('ckpt-a', 'ckpt-b', 'ckpt-c'))
+    try:
+        for opening, ids in stories.items():
+            status, task = call(server.url + f'/api/task?rater=bob&opening={opening}')
+            assert task['start'] == [s.split('.')[0] + '.' for s in STORIES][opening]
+            old = [s for s in task['stories'] if s['id'] in ids]
+            assert len(old) == 2 and len(task['stories']) == 3
+            assert all(s['scores'] == {'coherence': 8, 'grammar': 8, 'creativity': 8} for s in old)
+        assert call(server.url + '/api/task?rater=ann')[1]['opening'] is not None  # ckpt-c's are to rate
+    finally:
+        server.kill()
     with sqlite3.connect(db) as con:
         assert con.execute('select count(*) from ratings').fetchone()[0] == 8
-        assert con.execute('select count(*) from stories').fetchone()[0] == 4
+        assert con.execute('select count(*) from stories').fetchone()[0] == 6
     out = report(db)
-    assert out.count('ckpt-') == 2 and '6.00' in out  # each checkpoint: 4 ratings, 4s and 8s
+    assert out.count('ckpt-') == 2 and '6.00' in out  # each rated checkpoint: 4 ratings, 4s and 8s
 
 
 def test_bad_input_is_refused_in_one_line(server, checkpoints, tmp_path):
