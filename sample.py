@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from common import check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log
+from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log,
+                    set_threads)
 from generate import check_options, generate, stream
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
@@ -33,6 +34,7 @@ seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
 compile = False  # torch.compile the decoding step (generate.compiled_decode): 15-50 s to start on a 2-core CPU, then 1.2-4.5x the tokens/s
+threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 # -----------------------------------------------------------------------------
 
 
@@ -71,6 +73,7 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
                 start = f.read()
         except (OSError, UnicodeDecodeError) as e:
             die(f"cannot read the prompt file {start[len('FILE:'):]}: {getattr(e, 'strerror', None) or e}")
+    set_threads(threads)
     device = get_device(device)
     device_type = device.split(':')[0]
     dtype = get_dtype(dtype, device_type)
