@@ -533,16 +533,16 @@ class Server(uvicorn.Server):
             super().handle_exit(sig, frame)
 
 
-# A connection holds a file, and asyncio accepts up to BACKLOG at once before any is closed: raise the soft
-# limit on open files where the hard one allows, and keep max_connections clear of it.
-BACKLOG = 64
+# A connection holds a file, and asyncio accepts up to `backlog` at once before it can close any: raise the
+# soft limit on open files where the hard one allows, and keep max_connections and backlog clear of it.
 limit, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-need = max_connections + len(os.listdir('/dev/fd')) + BACKLOG + 16
+need = max_connections + len(os.listdir('/dev/fd')) + 256 + 16
 if limit < need:
     limit = need if hard == resource.RLIM_INFINITY else min(hard, need)
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-if limit < need:
-    max_connections = max(1, max_connections - (need - limit))
+backlog = min(256, limit // 4)  # connections the kernel holds until they are accepted
+if limit < need - 256 + backlog:
+    max_connections = max(1, max_connections - (need - 256 + backlog - limit))
     log(f"max_connections lowered to {max_connections}: ulimit -n is {limit} (raise it to serve more connections)")
 said = 0.0  # when out_of_files last spoke
 
@@ -563,7 +563,7 @@ thread.start()
 log(f"serving {path} as {model_name} at http://{host}:{port} with {threads} threads (Ctrl-C stops)")
 if not api_key and '*' in hosts:
     log(f"warning: anyone who reaches {host}:{port} may use this server: set SERVE_API_KEY (or --api_key)")
-server = Server(uvicorn.Config(app, host=host, port=port, http=Connection, backlog=BACKLOG))
+server = Server(uvicorn.Config(app, host=host, port=port, http=Connection, backlog=backlog))
 try:
     try:
         server.run()
