@@ -300,7 +300,7 @@ class Guard:
                 message = await receive()
                 size += len(message.get('body', b''))
                 if size > max_body_bytes:
-                    raise HTTPException(413, too_large().body.decode())
+                    raise HTTPException(413)  # http_error answers it
                 return message
             return await self.app(scope, receive_counted, send)
         await problem(scope, receive, send)
@@ -486,8 +486,8 @@ async def completions(body: CompletionRequest, request: Request):
         reading.cancel()
         gone.cancel()
         release(job)
-    if not reading.done() or reading.cancelled():
-        return Response(status_code=499)  # nobody reads it
+    if not reading.done():
+        return Response(status_code=499)  # the client is gone: nobody reads it
     reading.result()  # the job's fault, if any
     return {**head, 'choices': [choice(''.join(texts), reason)], 'usage': usage()}
 
