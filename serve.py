@@ -492,6 +492,22 @@ async def completions(body: CompletionRequest, request: Request):
     return {**head, 'choices': [choice(''.join(texts), reason)], 'usage': usage()}
 
 
+# -----------------------------------------------------------------------------
+# Connections: the limits uvicorn lacks, and a second Ctrl-C that ends requests with a last word.
+# A connection holds a file, and asyncio accepts up to `backlog` at once before it can close any: raise the
+# soft limit on open files where the hard one allows, and keep max_connections and backlog clear of it.
+limit, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+held = len(os.listdir('/dev/fd')) + 16  # files open now, and a few to spare
+if limit < held + max_connections + 256:
+    want = held + max_connections + 256
+    limit = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+backlog = min(256, limit // 4)  # connections the kernel holds until they are accepted
+if held + max_connections + backlog > limit:
+    max_connections = max(1, limit - held - backlog)
+    log(f"max_connections lowered to {max_connections}: ulimit -n is {limit} (raise it to serve more connections)")
+
+
 class Connection(H11Protocol):
     """uvicorn's HTTP/1.1 connection with the limits it lacks: at most max_connections open (more are
     closed at once, before they use up the process's files), and request_timeout seconds to send each
@@ -533,17 +549,6 @@ class Server(uvicorn.Server):
             super().handle_exit(sig, frame)
 
 
-# A connection holds a file, and asyncio accepts up to `backlog` at once before it can close any: raise the
-# soft limit on open files where the hard one allows, and keep max_connections and backlog clear of it.
-limit, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-need = max_connections + len(os.listdir('/dev/fd')) + 256 + 16
-if limit < need:
-    limit = need if hard == resource.RLIM_INFINITY else min(hard, need)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-backlog = min(256, limit // 4)  # connections the kernel holds until they are accepted
-if limit < need - 256 + backlog:
-    max_connections = max(1, max_connections - (need - 256 + backlog - limit))
-    log(f"max_connections lowered to {max_connections}: ulimit -n is {limit} (raise it to serve more connections)")
 said = 0.0  # when out_of_files last spoke
 
 
