@@ -417,7 +417,7 @@ def test_key_and_body_size(random_dir):
 def test_slow_and_many_connections(random_dir):
     """Connections that send nothing or part of a request are closed after request_timeout; past
     max_connections open, a new one is closed at once; then the server serves again."""
-    proc, port = start_server(random_dir, '--request_timeout=3', '--max_connections=20')
+    proc, port = start_server(random_dir, '--request_timeout=4', '--max_connections=20')
     try:
         partial = [b'', b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n',  # nothing, half a head, half a body
                    b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"prompt"']
@@ -426,9 +426,9 @@ def test_slow_and_many_connections(random_dir):
         time.sleep(0.5)  # the server has accepted them all
         for _ in range(3):  # the 21st
             with socket.create_connection(('127.0.0.1', port), timeout=SECONDS) as s:
-                assert s.recv(100) == b'' and time.time() - t0 < 2.5
+                assert s.recv(100) == b'' and time.time() - t0 < 3.5  # before any timed out
         for s in held:
-            assert s.recv(100) in (b'', b'HTTP/1.1 408 ') and 2.5 < time.time() - t0 < SECONDS
+            assert s.recv(100) == b'' and 3.5 < time.time() - t0 < SECONDS
             s.close()
         assert client(port).completions.create(model='m', prompt='Once', max_tokens=2).usage.completion_tokens == 2
         assert metric(port, 'serve_connections_refused_total') == 3
