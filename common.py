@@ -63,9 +63,11 @@ def keep_freed_memory(device_type):
 
 def set_threads(threads=0):
     """Compute with `threads` CPU threads (0: torch's default, one per core this process may use); return
-    the number used. Processes that each take every core fight over them, their threads waiting on each
-    other: on 2 cores two sample.py at once wrote 7-11.5 tokens/s each, against 57-610 each with one thread
-    apiece. So a script that runs beside another busy one gets its share of the cores (--threads=N)."""
+    the number used. Processes that each take every core fight over them, their OpenMP threads spinning
+    while they wait on each other: on 2 cores two sample.py at once wrote 7-11.5 tokens/s each, against
+    57-610 each with one thread apiece. So a script that runs beside another busy one gets its share of the
+    cores (--threads=N); OMP_WAIT_POLICY=PASSIVE in the environment (read as torch loads OpenMP, too late to set
+    here) stops the spinning too (196-230 tokens/s each)."""
     import torch
     if not (type(threads) is int and threads >= 0):
         die(f"threads must be a whole number >= 0 (0: one per core), got {threads!r}")
