@@ -310,7 +310,7 @@ def test_metrics(server):
     names = ['serve_generation_tokens_total', 'serve_time_to_first_token_seconds_count',
              'serve_time_per_output_token_seconds_count', 'serve_time_to_first_token_seconds_bucket{le="+Inf"}']
     before = [metric(server, n) for n in names]
-    client(server).completions.create(model='m', prompt='Once', max_tokens=7)
+    client(server).completions.create(model='m', prompt='Once', max_tokens=7, temperature=0)
     assert [metric(server, n) - b for n, b in zip(names, before)] == [7, 1, 6, 1]
 
 
@@ -344,7 +344,6 @@ def test_host_names(server):
                            (f'127.0.0.1:{server}', 200), ('[::1]', 200)]:
         status, _, out = request(server, 'GET', '/v1/models', headers={'Host': host})
         assert status == expected, (host, out)
-    assert 'allowed_hosts=evil.example' in out['error']['message'] if expected == 400 else True
     status, _, out = request(server, 'GET', '/health', headers={'Host': 'evil.example'})
     assert status == 400 and '--allowed_hosts=evil.example' in out['error']['message']
 
