@@ -43,7 +43,7 @@ device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 autocast where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); float32 is exact
 # stories: what the model writes, scored in readers' terms (stories.py), instead of the loss
 stories = 0  # > 0: continue the split's first `stories` stories (at most its number of stories) and score them
-opening_tokens = 0  # each story's opening: 0 its first sentence, else its first opening_tokens tokens
+opening_tokens = 0  # each story's opening: 0 its first sentence, else its first opening_tokens tokens, back to a word's end
 max_new_tokens = 256  # most tokens of a continuation (>= 1); the real ones are cut to as many for the reference row
 temperature = 0.8  # as sample.py: 0 is greedy
 top_k: int | None = 200  # as sample.py: sample only from the k likeliest tokens (None: all)

@@ -24,7 +24,7 @@ out_dirs = 'out-cpu'  # the checkpoints to rate, comma-separated: out_dirs (thei
 ckpt = 'best'  # best or last, for the out_dirs
 data_dir = ''  # the openings come from its validation split; empty: the first checkpoint's data_dir
 stories = 10  # openings (>= 1): the validation split's first stories; every checkpoint continues each
-opening_tokens = 0  # each opening: 0 its story's first sentence, else its first opening_tokens tokens
+opening_tokens = 0  # each opening: 0 its story's first sentence, else its first opening_tokens tokens, back to a word's end
 max_new_tokens = 200  # most tokens of a continuation (>= 1)
 temperature = 0.8  # as sample.py
 top_k: int | None = 200  # as sample.py: sample only from the k likeliest tokens (None: all)

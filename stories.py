@@ -38,11 +38,17 @@ def split_documents(tokens, eot):
 
 
 def opening(text, enc, n_tokens=0):
-    """(the opening, the rest) of a story: its first sentence, or its first n_tokens tokens. The
-    rest keeps its leading space, which the model writes as part of its first token."""
+    """(the opening, the rest) of a story: its first sentence, or its first n_tokens tokens back to the
+    end of a word (a continuation that began inside a word would begin with a misspelling). The rest
+    keeps its leading space, which the model writes as part of its first token."""
     if n_tokens:
         ids = enc.encode_ordinary(text)
-        return enc.decode(ids[:n_tokens]), enc.decode(ids[n_tokens:])
+        if len(ids) <= n_tokens:
+            return text, ''
+        head = enc.decode(ids[:n_tokens])
+        cut = max(head.rfind(' '), head.rfind('\n'))
+        cut = cut if cut > 0 else re.match(r'\s*\S*', text).end()  # within the first word: all of it
+        return text[:cut], text[cut:]
     first = SENTENCE.match(text)
     cut = first.end() if first else len(text)
     return text[:cut], text[cut:]

@@ -88,6 +88,16 @@ def test_openings_are_the_first_sentence():
     assert stories.whole_words('The cat sat on the ma') == 'The cat sat on the'
 
 
+@needs_tokenizer
+def test_an_opening_of_n_tokens_ends_at_a_words_end():
+    from tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    text = 'Lily carried a basket of strawberries to her grandmother.'
+    for n in range(1, len(enc.encode_ordinary(text)) + 2):
+        start, rest = stories.opening(text, enc, n)
+        assert start + rest == text and (rest == '' or rest.startswith(' ')), (n, start)
+
+
 @pytest.mark.skipif(not stories.shutil.which(stories.LINK_PARSER), reason='link-parser (apt-get install link-grammar) is absent')
 def test_link_grammar_counts_sentences_it_cannot_parse():
     share, bad = stories.unparsed(['Lily liked to play with her friends in the park. She liked to make it sweet and '
