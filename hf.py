@@ -41,11 +41,11 @@ def architecture(model_args):
     unknown = {k: v for k, v in model_args.items() if k not in FREE + tuple(shape) and v != getattr(GPTConfig, k, None)}
     if unknown:  # an option model.py gained after this mapping was written
         die(f"{', '.join(f'{k}={v!r}' for k, v in unknown.items())}: no counterpart in GPT2LMHeadModel or "
-            "LlamaForCausalLM, the transformers models export.py writes")
+            "LlamaForCausalLM, the models export.py writes (for transformers and llama.cpp alike)")
     if shape in (GPT2_SHAPE, LLAMA_SHAPE):
         return 'GPT2LMHeadModel' if shape == GPT2_SHAPE else 'LlamaForCausalLM'
     named = lambda target: ', '.join(f'{k}={v!r}' for k, v in shape.items() if v != target[k])
-    die(f"{', '.join(f'{k}={v!r}' for k, v in shape.items())}: no transformers model has this combination "
+    die(f"{', '.join(f'{k}={v!r}' for k, v in shape.items())}: no transformers or llama.cpp model has this combination "
         f"({named(GPT2_SHAPE)}: none in GPT2LMHeadModel; {named(LLAMA_SHAPE)}: none in LlamaForCausalLM); "
         "export takes GPT-2's three (learned, layernorm, gelu) or Llama's (rope, rmsnorm, swiglu)")
 

@@ -7,5 +7,6 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -c 'import torch' 2>/dev/null || pip install -q ${TORCH:-torch==2.13.0}
-pip install -q -r requirements.txt pytest pytest-xdist playwright
+# accelerate: transformers reads GGUF files only with it (tests/test_gguf.py)
+pip install -q -r requirements.txt pytest pytest-xdist playwright accelerate
 pip install -q -r requirements-serve.txt  # serve.py and its tests; the core scripts never need it

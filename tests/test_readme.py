@@ -28,6 +28,7 @@ NOT_RUN = {  # a command (a regular expression it matches whole): why this test 
     r'python sample\.py --out_dir=out-gpt2 .*': "the GPT-2 fine-tune's model",
     r'torchrun --standalone --nproc_per_node=8 .*': "8 GPUs",
     r'torchrun --nnodes=2 .*': "two machines",
+    r'llama-(completion|server) .*': "llama.cpp's tools, built outside the project (tests/test_gguf.py runs them)",
 }
 TINY = {  # settings appended to a script's command (later settings win)
     'prepare.py': ['--max_docs=200'],
