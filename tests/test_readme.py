@@ -29,13 +29,15 @@ NOT_RUN = {  # a command (a regular expression it matches whole): why this test 
     r'torchrun --standalone --nproc_per_node=8 .*': "8 GPUs",
     r'torchrun --nnodes=2 .*': "two machines",
     r'llama-(completion|server) .*': "llama.cpp's tools, built outside the project (tests/test_gguf.py runs them)",
+    r'python rate\.py --out_dirs=.*': "it serves until stopped, and a second checkpoint is the user's (tests/test_rate.py runs it)",
 }
 TINY = {  # settings appended to a script's command (later settings win)
     'prepare.py': ['--max_docs=200'],
     'train.py': ['--max_iters=4', '--eval_interval=2', '--eval_iters=1', '--batch_size=4', '--n_layer=1',
                  '--n_head=2', '--n_embd=32', '--block_size=64', '--compile=False'],
     'sample.py': ['--max_new_tokens=12'],
-    'eval.py': ['--max_tokens=4096'],
+    'eval.py': ['--max_tokens=4096', '--max_new_tokens=16'],  # the second for --stories
+    'rate.py': [],
     'serve.py': [],
     'export.py': [],
 }
