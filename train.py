@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from common import (NANOGPT_ARGS, autocast, check_same_weights, checkpoint_config, compile_for_training, die,
                     get_device, get_dtype, keep_freed_memory, load_checkpoint, lock_folder, log, open_split, read_meta,
-                    remove_stale_temps, rng_state, set_rng_state, weight_average, weights_to_save, write_checkpoint)
+                    remove_stale_temps, rng_state, set_rng_state, set_threads, weight_average, weights_to_save,
+                    write_checkpoint)
 from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
@@ -89,6 +90,7 @@ device = 'auto'  # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1'
 dtype = 'auto'  # 'auto' (bf16 where fast, fp16 on GPUs without bf16, else fp32), 'float32', 'bfloat16', 'float16'
 compile: bool | None = None  # torch.compile the model; None: on CUDA only
 backend = 'auto'  # DDP backend: 'auto' (nccl on CUDA, gloo on the CPU), 'nccl' or 'gloo'
+threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 seed = 1337
 peak_flops = 0.0  # the MFU's denominator in FLOP/s (>= 0); 0 = the GPU's datasheet bf16 peak (a rough 1e12 on a CPU)
 # -----------------------------------------------------------------------------
@@ -114,6 +116,11 @@ try:  # with GPTConfig's default vocab_size until meta.json gives the data's
     model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
 except ValueError as e:
     die(str(e))
+# torchrun starts LOCAL_WORLD_SIZE processes on this machine, each with OMP_NUM_THREADS=1 unless the environment
+# sets it: threads=0 gives each its share of the cores instead, and --threads=N any other count
+local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+threads = set_threads(threads or (max(1, cores // local_processes) if local_processes > 1 else 0))
 # -----------------------------------------------------------------------------
 
 # a new run would replace a trained model and reset its metrics.jsonl: only when asked to
@@ -335,10 +342,11 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
+cpu_threads = f" with {threads} thread{'s' * (threads > 1)}{' each' * ddp}" if device_type == 'cpu' else ''
 if master_process:
     log(f"{raw_model.get_num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step ({world_size} process"
         f"{'es' * (world_size > 1)} x {gradient_accumulation_steps} micro-step{'s' * (gradient_accumulation_steps > 1)} x "
-        f"{batch_size} x {block_size} tokens), {world_size} x {device}, {dtype}")
+        f"{batch_size} x {block_size} tokens), {world_size} x {device}{cpu_threads}, {dtype}")
     if decay_lr and 0 < max_iters <= warmup_iters:
         log(f"warning: warmup_iters={warmup_iters} is not below max_iters={max_iters}: the learning rate only warms up "
             "(give a smaller --warmup_iters)")

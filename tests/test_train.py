@@ -137,9 +137,9 @@ def test_derived_settings_follow_overrides(data, out):
     assert [g['lr'] for g in groups] == pytest.approx([1e-3] * len(groups))  # every group at the end of its decay
 
 
-def test_the_log_counts_processes_and_warns_of_a_run_that_only_warms_up(data, out):
-    run = train(data, out, '--max_iters=2', '--warmup_iters=5')
-    assert '(1 process x 1 micro-step x 8 x 16 tokens)' in run.stderr
+def test_the_log_counts_processes_and_threads_and_warns_of_a_run_that_only_warms_up(data, out):
+    run = train(data, out, '--max_iters=2', '--warmup_iters=5', '--threads=2')  # ENV's OMP_NUM_THREADS=1 says 1
+    assert '(1 process x 1 micro-step x 8 x 16 tokens), 1 x cpu with 2 threads, float32' in run.stderr
     assert 'warning: warmup_iters=5 is not below max_iters=2: the learning rate only warms up' in run.stderr
 
 
@@ -435,10 +435,10 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason='no torch.distributed with gloo')
 
 
-def torchrun(nproc, data_dir, out_dir, *args):
+def torchrun(nproc, data_dir, out_dir, *args, env=ENV):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}', 'train.py',
            f'--data_dir={data_dir}', f'--out_dir={out_dir}', *TINY, *args]
-    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr
     return run
 
@@ -448,9 +448,11 @@ def torchrun(nproc, data_dir, out_dir, *args):
 def test_ddp_on_cpu_processes_with_any_count(nproc, data, out):
     # gradient_accumulation_steps=2 over 3 processes rounds up to 1 micro-step each: 3 x 1 x 8 x 16 tokens per step.
     # train.py compares every process's weights at the end and fails if DDP let them drift apart
+    # each process computes with its share of the cores, not with the OMP_NUM_THREADS that torchrun passes on
     run = torchrun(nproc, data, out, '--gradient_accumulation_steps=2', '--max_iters=10', '--eval_interval=5',
-                   '--lr_decay_iters=10')
-    assert f'{nproc} x cpu' in run.stderr
+                   '--lr_decay_iters=10', env={**ENV, 'OMP_NUM_THREADS': '4'})
+    share = max(1, len(os.sched_getaffinity(0)) // nproc)
+    assert f"{nproc} x cpu with {share} thread{'s' * (share > 1)} each, float32" in run.stderr
     assert f'{nproc * 128} tokens per step ({nproc} processes x 1 micro-step x 8 x 16 tokens)' in run.stderr
     assert load_checkpoint(out / 'last.pt')['iter_num'] == 10
     evals = [r for r in metrics(out) if 'val_loss' in r]
@@ -534,6 +536,7 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
     ('--dtype=fp8', "dtype in ('auto', 'float32', 'bfloat16', 'float16')"),
     ('--optimizer=sgd', "optimizer in ('adamw', 'muon'), got optimizer='sgd'"),
+    ('--threads=-1', 'threads must be a whole number >= 0 (0: one per core), got -1'),
     ('--pos_emb=alibi', "pos_emb='alibi'"), ('--mlp=relu', "mlp='relu'"),  # GPTConfig's own checks
 ])
 def test_a_setting_out_of_range_stops_before_any_work(arg, rule, tmp_path, monkeypatch):
