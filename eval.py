@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 import stories as story_text
-from common import atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, log, open_split, read_meta
+from common import (atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, log, open_split,
+                    read_meta, set_threads)
 from generate import use_fast_linears
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer, get_tokenizer, token_bytes
 
@@ -41,6 +42,7 @@ logits_chunk = 64  # positions whose logits are held at once (>= 1): vocab_size 
 json_out = ''  # also write the results as JSON to this path; a bare file name (eval.json) goes beside the checkpoint
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 autocast where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); float32 is exact
+threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 # stories: what the model writes, scored in readers' terms (stories.py), instead of the loss
 stories = 0  # > 0: continue the split's first `stories` stories (at most its number of stories) and score them
 opening_tokens = 0  # each story's opening: 0 its first sentence, else its first opening_tokens tokens, back to a word's end
@@ -85,6 +87,7 @@ if stories:
         die(str(e))
     if judge_url and not re.match(r'https?://', judge_url):
         die(f"judge_url must be an http:// or https:// URL of an OpenAI-compatible API, got {judge_url!r}")
+set_threads(threads)
 device = get_device(device)
 device_type = device.split(':')[0]
 dtype = get_dtype(dtype, device_type)

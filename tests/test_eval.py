@@ -187,10 +187,21 @@ def test_bare_eval_reads_what_its_hint_trains(setup, tmp_path, monkeypatch):
 @pytest.mark.parametrize('arg, message', [('--split=nope', "split must be train or validation, .*got 'nope'"),
                                            ('--split=', 'split must be'), ('--ckpt=', 'ckpt must be'),
                                            ('--batch_size=0', 'batch_size must be at least 1'),
-                                           ('--max_tokens=-1', 'max_tokens must be >= 0')])
+                                           ('--max_tokens=-1', 'max_tokens must be >= 0'),
+                                           ('--threads=-1', r'threads must be a whole number >= 0 \(0: one per core\), got -1$')])
 def test_settings_out_of_range_are_errors_before_loading(tmp_path, arg, message):
     with pytest.raises(SystemExit, match=f'^error: {message}'):
         evaluate(tmp_path, arg)  # no checkpoint in tmp_path: caught before loading one
+
+
+def test_threads_sets_torchs_thread_count(setup):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert 'loss ' in evaluate(setup[0], '--threads=2')
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_errors(setup, tmp_path):
