@@ -16,7 +16,7 @@ import torch
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common import autocast, compile_for_training, get_device, keep_freed_memory
+from common import autocast, compile_for_training, get_device, keep_freed_memory, set_threads
 from generate import generate, use_fast_linears
 from model import GPT, GPTConfig
 
@@ -38,9 +38,11 @@ serve_clients = '1,4,8,16'  # concurrent streaming clients, one request each
 serve_tokens = 128  # max_tokens of each request
 serve_batch = 8  # serve.py's max_batch
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
+threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 
+set_threads(threads)
 device = get_device(device)
 device_type = device.split(':')[0]
 keep_freed_memory(device_type)  # as train.py does
@@ -225,11 +227,12 @@ if 'prepare' in parts:
     with open(text_file) as f:
         docs = [d.strip() for d in f.read().split('<|endoftext|>') if d.strip()]
     ds = datasets.Dataset.from_dict({'text': docs})
-    n_tokens = len(tokenize_batch(enc, docs)) - len(docs)  # without the end-of-text tokens, as the seed counts
+    # without the end-of-text tokens, as the seed counts
+    n_tokens = len(tokenize_batch(enc, docs, num_threads=threads)) - len(docs)
     # the seed's approach: datasets.map calling encode_ordinary one example at a time
     seed_dt = timed(lambda: ds.map(lambda ex: {'ids': enc.encode_ordinary(ex['text'])}, load_from_cache_file=False,
                                    keep_in_memory=True, desc=None), 2, 1)
-    fast_dt = timed(lambda: tokenize_batch(enc, docs), 3, 1)
+    fast_dt = timed(lambda: tokenize_batch(enc, docs, num_threads=threads), 3, 1)
     rows.append(('prepare', 'datasets.map, one example at a time', f"{len(docs)} docs", f"{n_tokens / seed_dt:,.0f}", 'the seed'))
     rows.append(('prepare', 'prepare.tokenize_batch', f"{len(docs)} docs", f"{n_tokens / fast_dt:,.0f}",
                  f"{seed_dt / fast_dt:.1f}x the seed"))
@@ -267,7 +270,7 @@ if 'serve' in parts:  # serve.py in a process of its own, its clients here, all 
             port = s.getsockname()[1]
         server = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}', f'--device={device}',
                                    f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}',
-                                   f'--compile={use_compile}'],
+                                   f'--compile={use_compile}', f'--threads={threads}'],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url, one = f'http://127.0.0.1:{port}', None
         try:
@@ -306,7 +309,8 @@ if 'serve' in parts:  # serve.py in a process of its own, its clients here, all 
             torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, os.path.join(folder, 'best.pt'))
             serve_load(folder, f"{config_file}'s shape", use_compile)
 
-name = torch.cuda.get_device_name() if device_type == 'cuda' else f"{device}, {torch.get_num_threads()} threads"
+name = torch.cuda.get_device_name() if device_type == 'cuda' else \
+    f"{device}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}"
 print(f"torch {torch.__version__}, {name}, model {model_args}")
 print(f"| what | setting | batch | tokens/s | notes |\n|---|---|---|---|---|")
 for row in rows:

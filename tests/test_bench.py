@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -23,3 +24,14 @@ def test_bench_prints_a_row_per_measurement():
     # each batch: nanoGPT's way, then the KV cache with its share of the weight-streaming floor
     assert ["nanoGPT's way" in r.split(' | ')[1] for r in rows[5:]] == [True, False, True, False]
     assert all('% of the floor' in r for r in rows[5:])
+
+
+def test_threads_sets_the_thread_count_it_reports():
+    cmd = [sys.executable, 'bench.py', '--config_file=config/nano.py', '--parts=memory', '--device=cpu']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}  # torch's own count would be 1
+    run = subprocess.run(cmd + ['--threads=2'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith('torch ') and ', cpu, 2 threads, ' in run.stdout.splitlines()[0]
+    run = subprocess.run(cmd + ['--threads=-1'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stdout == ''
+    assert run.stderr.splitlines()[-1] == 'error: threads must be a whole number >= 0 (0: one per core), got -1'
