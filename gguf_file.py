@@ -6,7 +6,6 @@ architecture, a Llama-shaped one as its llama, in f32, f16, bf16 or q8_0. The ch
 prompt as sample.py does. export.py --format=gguf writes one with it."""
 import json
 
-import numpy as np
 import torch
 
 from hf import EOT, gpt2_tokenizer_json, llama_weights

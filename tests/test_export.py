@@ -18,7 +18,7 @@ import torch
 
 from common import load_model
 from tokenizer import get_tokenizer
-from conftest import ROOT, TIKTOKEN_CACHE, needs_tokenizer
+from conftest import ROOT, TIKTOKEN_CACHE, needs_tokenizer, write_data
 
 pytestmark = needs_tokenizer
 transformers = pytest.importorskip('transformers')
@@ -290,17 +290,8 @@ def llama(tmp_path_factory):
     import tokenizer
     root = tmp_path_factory.mktemp('llama')
     state = {'name': 'bpe:300', 'json': tokenizer.train_bpe(STORIES * 5, 300)}
-    enc = tokenizer.get_tokenizer(state)
-    tokens = np.array([t for s in STORIES * 40 for t in [enc.eot_token] + enc.encode_ordinary(s)], dtype=np.uint16)
-    data_dir = root / 'data'
-    data_dir.mkdir()
-    (data_dir / 'tokenizer.json').write_text(state['json'], encoding='utf-8')
-    meta = {**tokenizer.meta_fields(enc), 'train': {'tokens': len(tokens), 'documents': 120},
-            'validation': {'tokens': len(tokens), 'documents': 120}}
-    (data_dir / 'meta.json').write_text(json.dumps(meta))
-    for split in ('train', 'validation'):
-        tokens.tofile(data_dir / f'{split}.bin')
-    out = root / 'out'
+    data_dir, out = root / 'data', root / 'out'
+    enc = write_data(data_dir, state, STORIES)
     run('train.py', f'--data_dir={data_dir}', f'--out_dir={out}', '--n_layer=2', '--n_head=2', '--n_embd=32',
         '--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False', '--rope_theta=1000.0', '--max_iters=30',
         '--eval_interval=10', '--lr_decay_iters=30', *TINY, '--learning_rate=1e-2')  # the last one counts

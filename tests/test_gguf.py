@@ -10,13 +10,12 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 import tokenizer
 from common import load_model
-from conftest import ROOT, needs_tokenizer
+from conftest import ROOT, needs_tokenizer, write_data
 
 pytestmark = needs_tokenizer
 gguf = pytest.importorskip('gguf')
@@ -63,18 +62,8 @@ def model(request, tmp_path_factory):
     recipe, kind = request.param.split('/')
     root = tmp_path_factory.mktemp(request.param.replace('/', '-'))
     state = tokenizer.GPT2 if kind == 'gpt2' else {'name': 'bpe:300', 'json': tokenizer.train_bpe(STORIES * 5, 300)}
-    enc = tokenizer.get_tokenizer(state)
-    tokens = np.array([t for s in STORIES * 40 for t in [enc.eot_token] + enc.encode_ordinary(s)], dtype=np.uint16)
-    data = root / 'data'
-    data.mkdir()
-    if state['json']:
-        (data / 'tokenizer.json').write_text(state['json'], encoding='utf-8')
-    meta = {**tokenizer.meta_fields(enc), 'train': {'tokens': len(tokens), 'documents': 120},
-            'validation': {'tokens': len(tokens), 'documents': 120}}
-    (data / 'meta.json').write_text(json.dumps(meta))
-    for split in ('train', 'validation'):
-        tokens.tofile(data / f'{split}.bin')
-    out = root / 'out'
+    data, out = root / 'data', root / 'out'
+    enc = write_data(data, state, STORIES)
     run('train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY, *(LLAMA if recipe == 'llama' else []))
     result = run('export.py', f'--out_dir={out}', '--format=gguf')
     assert f'{out}/model-f32.gguf' in result.stdout

@@ -91,7 +91,8 @@ def serving(tmp_path, env=None):
 
 
 @pytest.fixture
-def page():
+def browser():
+    """Headless chromium, through Playwright (tests/test_rate.py uses it too)."""
     require(os.path.exists(CHROMIUM), CHROMIUM, 'apt-get install chromium, as .ci/run does')
     try:
         from playwright.sync_api import sync_playwright
@@ -100,11 +101,16 @@ def page():
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={'width': 900, 'height': 600})
-            page.set_default_timeout(SECONDS * 1000)
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page(viewport={'width': 900, 'height': 600})
+    page.set_default_timeout(SECONDS * 1000)
+    return page
 
 
 def story_length(page):

@@ -2,7 +2,6 @@
 Playwright, as tests/test_page.py), its SQLite ratings through a kill -9, its refusals, its report.
 Two tiny untrained checkpoints write the stories."""
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -19,7 +18,7 @@ import torch
 import rate
 from conftest import ROOT, needs_tokenizer
 from model import GPT, GPTConfig
-from test_page import CHROMIUM, CHROMIUM_ARGS, free_port, require
+from test_page import browser, free_port  # noqa: F401 (browser: a fixture)
 
 pytestmark = needs_tokenizer
 EOT = 50256
@@ -64,13 +63,13 @@ def call(url, body=None):
 class Server:
     """rate.py run as a user runs it, on a free port, over checkpoints' two out_dirs and the SQLite file db."""
 
-    def __init__(self, checkpoints, db, names=('ckpt-a', 'ckpt-b')):
+    def __init__(self, checkpoints, db, names=('ckpt-a', 'ckpt-b'), args=()):
         self.port = free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         self.log = open(f'{db}.log', 'a+')
         self.proc = subprocess.Popen([sys.executable, 'rate.py', '--out_dirs=' + ','.join(str(checkpoints / n) for n in names),
                                       '--stories=2', '--max_new_tokens=12', '--device=cpu', '--dtype=float32',
-                                      f'--db={db}', f'--port={self.port}'], cwd=ROOT, stdout=self.log,
+                                      f'--db={db}', f'--port={self.port}', *args], cwd=ROOT, stdout=self.log,
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + SECONDS
         while True:
@@ -101,21 +100,6 @@ def report(db):
                           text=True, timeout=SECONDS)
     assert done.returncode == 0, done.stderr
     return done.stdout
-
-
-@pytest.fixture
-def browser():
-    require(os.path.exists(CHROMIUM), CHROMIUM, 'apt-get install chromium, as .ci/run does')
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, 'the Python package playwright', 'setup.sh installs it')
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def open_page(browser, url, rater):
@@ -245,6 +229,23 @@ def test_bad_input_is_refused_in_one_line(server, checkpoints, tmp_path):
                           capture_output=True, text=True, timeout=SECONDS)
     said = [line for line in done.stderr.splitlines() if not line.startswith('config: ')]
     assert done.returncode != 0 and said == ['error: stories must be at least 1, got 0']
+
+
+def test_threads_write_the_stories(checkpoints, tmp_path, monkeypatch):
+    # a bad count: one error line, before the database is made
+    done = subprocess.run([sys.executable, 'rate.py', '--threads=-1', f'--db={tmp_path / "x.db"}'], cwd=ROOT,
+                          capture_output=True, text=True, timeout=SECONDS)
+    said = [line for line in done.stderr.splitlines() if not line.startswith('config: ')]
+    assert done.returncode != 0 and said == ['error: threads must be a whole number >= 0 (0: one per core), got -1']
+    assert not (tmp_path / 'x.db').exists()
+    monkeypatch.setenv('OMP_NUM_THREADS', '2')  # torch's own count would be 2
+    server = Server(checkpoints, tmp_path / 'ratings.db', args=['--threads=1'])
+    try:
+        server.log.seek(0)
+        wrote = [line for line in server.log.read().splitlines() if line.startswith('wrote 2 stories of ')]
+        assert len(wrote) == 2 and all(line.endswith(' s with 1 thread') for line in wrote), wrote
+    finally:
+        server.kill()
 
 
 def test_report_gives_means_intervals_and_preferences():
