@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import stories as story_text
-from common import checkpoint_path, die, get_device, get_dtype, load_model, log, open_split, read_meta
+from common import checkpoint_path, die, get_device, get_dtype, load_model, log, open_split, read_meta, set_threads
 
 # -----------------------------------------------------------------------------
 out_dirs = 'out-cpu'  # the checkpoints to rate, comma-separated: out_dirs (their ckpt) or paths of .pt files
@@ -36,6 +36,7 @@ host = '127.0.0.1'  # the address to listen on; 0.0.0.0 serves other machines to
 port = 8001  # 1 to 65535
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # as sample.py
+threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 # -----------------------------------------------------------------------------
 SCORES = ('coherence', 'grammar', 'creativity')
 SCHEMA = """
@@ -137,7 +138,7 @@ def write_stories(con, paths):
         with con:
             con.executemany('insert into stories values (?, ?, ?, ?, ?)',
                             [(secrets.token_hex(8), path, i, s, text) for i, (s, (text, _)) in enumerate(zip(starts, written))])
-        log(f"wrote {len(written)} stories of {path} in {time.time() - t0:.1f} s")
+        log(f"wrote {len(written)} stories of {path} in {time.time() - t0:.1f} s with {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}")
 
 
 class Refused(Exception):
@@ -200,6 +201,7 @@ if __name__ == '__main__':  # a plain script; tests import summary and the check
         check_options(temperature, top_k, top_p)
     except ValueError as e:
         die(str(e))
+    set_threads(threads)
     if not db:
         die("db must be the path of the SQLite file for the stories and ratings")
     try:
