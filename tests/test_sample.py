@@ -359,7 +359,7 @@ def test_bad_checkpoints(tmp_path, what, message):
     ('--max_new_tokens=0', 'max_new_tokens must be'), ('--repetition_penalty=0', 'repetition_penalty must be'),
     ('--window_shift=0', 'window_shift must be'), ('--dtype=float16', 'dtype=float16 is for GPUs'),
     ('--temperature=1e999', 'temperature must be'), ('--repetition_penalty=1e999', 'repetition_penalty must be'),
-    ('--ckpt=', 'ckpt must be'),
+    ('--ckpt=', 'ckpt must be'), ('--threads=-1', r'threads must be a whole number >= 0 \(0: one per core\), got -1$'),
     ('--temprature=1', "unknown config key 'temprature'")])
 def test_bad_options_are_errors_before_loading(tmp_path, arg, message):
     with pytest.raises(SystemExit, match=f'^error: {message}'):
@@ -374,6 +374,16 @@ def test_unknown_or_missing_device_is_named_before_loading(tmp_path, device, mes
         pytest.skip('this machine has mps')
     with pytest.raises(SystemExit, match=f'^error: {message}.*this machine has cpu'):
         sample(tmp_path, f'--device={device}')  # no checkpoint in tmp_path: caught before loading one
+
+
+def test_threads_sets_torchs_thread_count(chain):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert story(chain, '--start=Once', '--threads=2') == 'Once one two three\n'
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_window_shift_past_block_size(random_dir):
