@@ -4,21 +4,18 @@ Serve a model trained by train.py over HTTP: a page to write stories in, and Ope
   $ python serve.py --out_dir=out-cpu
 then open http://127.0.0.1:8000, or point any OpenAI client at base_url http://127.0.0.1:8000/v1.
 The requests in flight are decoded together: one thread owns the model and runs one batched step
-for all of them (generate.Rows); the web server hands it requests and streams back their tokens.
+for all of them (batching.Batcher); the web server hands it requests and streams back their tokens.
 It trusts no one it need not: the API's routes want the key (api_key, or SERVE_API_KEY) where one is
 set, the Host header must name this server (against DNS rebinding), and every limit below holds.
 """
 import asyncio
-import codecs
 import json
 import os
 import resource
 import secrets
 import signal
-import threading
 import time
 import uuid
-from collections import deque
 
 import h11
 import torch
@@ -30,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from batching import Batcher
 from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log,
                     set_threads)
 from generate import Rows, check_options
@@ -101,132 +99,6 @@ if compile:  # before the first request, which would otherwise wait for it
 model_name = os.path.basename(os.path.abspath(out_dir) if ckpt in ('best', 'last') else os.path.splitext(path)[0])
 created = int(os.path.getmtime(path))
 
-# -----------------------------------------------------------------------------
-# The decoding thread. The event loop puts a Job in `waiting`, or in `leaving` when its client no
-# longer wants it; the thread gives jobs rows, steps them all, and sends each its tokens.
-changed = threading.Condition()  # guards waiting, leaving and stopping, and wakes the thread
-waiting, leaving, stopping = deque(), [], False
-decoding = {}  # slot -> its Job; the thread's own
-admitted = set()  # the event loop's: jobs from admission until released, at most max_batch + max_queue
-generated = 0  # tokens made, for /metrics
-
-
-class Job:
-    """A completion: its prompt and sampling options in, its tokens, then its finish_reason, out."""
-
-    def __init__(self, ids, options, max_tokens):
-        self.ids, self.options, self.max_tokens = ids, options, max_tokens
-        self.loop, self.out = asyncio.get_running_loop(), asyncio.Queue()
-        self.slot, self.made = None, 0  # the thread's: its row, the tokens it has made
-        self.began = time.perf_counter()
-
-    def send(self, item):
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: the server is shutting down
-            pass
-
-
-def end(job, reason=None):
-    """Take job's row away and, when it ended by itself, tell it why."""
-    rows.remove(job.slot)
-    del decoding[job.slot]
-    job.slot = None
-    if reason is not None:
-        job.send(reason)
-
-
-def decode_forever():
-    global generated
-    while True:
-        with changed:
-            changed.wait_for(lambda: stopping or waiting or leaving or decoding)
-            if stopping:
-                return
-            gone, leaving[:] = leaving[:], []
-        for job in gone:
-            if job.slot is not None:
-                end(job)
-        with changed:
-            new = [waiting.popleft() for _ in range(min(rows.free, len(waiting)))]
-        try:
-            for job in new:
-                job.slot = rows.add(job.ids, **job.options)
-                decoding[job.slot] = job
-            tokens = rows.step() if decoding else {}
-        except Exception as e:  # a fault of the device (out of memory): fail these requests, keep serving
-            for job in set(new) | set(decoding.values()):
-                job.send(e)
-                if job.slot is not None:
-                    end(job)
-            continue
-        generated += len(tokens)
-        for slot, token in tokens.items():
-            job = decoding[slot]
-            job.made += 1
-            job.send(token)
-            if token == enc.eot_token or job.made == job.max_tokens:
-                end(job, 'stop' if token == enc.eot_token else 'length')
-
-
-def admit(job):
-    """Give job a place, or False when max_batch + max_queue requests already have one, streamed or not."""
-    if len(admitted) >= max_batch + max_queue:
-        return False
-    admitted.add(job)
-    with changed:
-        waiting.append(job)
-        changed.notify()
-    return True
-
-
-def release(job):
-    """Free job's row or place in the queue, once, however its request ended."""
-    if job in admitted:
-        admitted.discard(job)
-        with changed:
-            if job in waiting:
-                waiting.remove(job)
-            else:
-                leaving.append(job)
-            changed.notify()
-
-
-async def pieces(job, stop):
-    """Yield (text, None) as job's completion is written, then (its last text, finish_reason). Text that
-    may begin a stop string is held back until it cannot; a stop string and what follows are cut.
-    Counts the tokens read in job.used, and times them for /metrics."""
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end inside a character
-    hold = max(map(len, stop), default=1) - 1
-    held, reason, job.used, last = '', None, 0, None
-    while reason is None:
-        item = await job.out.get()
-        if isinstance(item, Exception):
-            raise item
-        if isinstance(item, str):
-            reason, new = item, decoder.decode(b'', final=True)
-        else:
-            now = time.perf_counter()
-            (ttft if last is None else per_token).observe(now - (job.began if last is None else last))
-            job.used, last = job.used + 1, now
-            # <|endoftext|> and ids past the tokenizer's (a vocabulary padded for speed) have no text
-            known = item < enc.n_vocab and item != enc.eot_token
-            new = decoder.decode(enc.decode_single_token_bytes(item) if known else b'')
-        held += new
-        cut = min((i for i in map(held.find, stop) if i >= 0), default=-1)
-        if cut >= 0:
-            held, reason = held[:cut], 'stop'
-        text = held if reason else held[:max(0, len(held) - hold)]
-        held = held[len(text):]
-        if text or reason:
-            yield text, reason
-
-
-def cut_off():
-    """The second Ctrl-C: end every request now, with a 503 or a last error event, so the server can stop."""
-    for job in list(admitted):
-        job.send(HTTPException(503, "the server is shutting down (a second Ctrl-C): retry when it is back"))
-
 
 # -----------------------------------------------------------------------------
 # /metrics, in Prometheus' text format
@@ -255,7 +127,8 @@ counted = {'busy': 0, 'connections_refused': 0}  # 429s; connections closed at o
 
 
 # -----------------------------------------------------------------------------
-# The web server: it only checks requests, hands them to the thread and writes out what comes back.
+# The web server: it only checks requests, hands them to the batcher and writes out what comes back.
+batcher = Batcher(rows, enc, max_queue, on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
 app = FastAPI(title='serve.py', docs_url=None, redoc_url=None)
 
 
@@ -396,16 +269,16 @@ async def page():
 
 @app.api_route('/health', methods=['GET', 'HEAD'])
 async def health():
-    return {'status': 'ok', 'active': len(decoding), 'waiting': len(waiting)}
+    return {'status': 'ok', 'active': len(batcher.decoding), 'waiting': len(batcher.waiting)}
 
 
 @app.get('/metrics')
 async def metrics():
     lines = []
     for name, kind, what, value in [
-            ('serve_requests_running', 'gauge', 'Requests decoding now.', len(decoding)),
-            ('serve_requests_waiting', 'gauge', 'Requests waiting for a free row.', len(waiting)),
-            ('serve_generation_tokens_total', 'counter', 'Tokens generated.', generated),
+            ('serve_requests_running', 'gauge', 'Requests decoding now.', len(batcher.decoding)),
+            ('serve_requests_waiting', 'gauge', 'Requests waiting for a free row.', len(batcher.waiting)),
+            ('serve_generation_tokens_total', 'counter', 'Tokens generated.', batcher.generated),
             ('serve_requests_rejected_total', 'counter', 'Requests turned away with 429: max_queue was full.',
              counted['busy']),
             ('serve_connections_refused_total', 'counter', 'Connections closed at once: max_connections were open.',
@@ -431,7 +304,7 @@ class Stream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            release(self.job)
+            batcher.release(self.job)
 
 
 async def until_gone(request):
@@ -444,9 +317,9 @@ async def until_gone(request):
 async def completions(body: CompletionRequest, request: Request):
     # as sample.py: every story in train.bin follows an <|endoftext|>, which tells the model a new story begins
     ids = [enc.eot_token] + enc.encode(body.prompt, allowed_special='all')
-    job = Job(ids, dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed),
-              body.max_tokens)
-    if not admit(job):
+    job = batcher.admit(ids, dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed),
+                        body.max_tokens)
+    if job is None:
         counted['busy'] += 1
         return error(429, f"the server is busy: {max_batch} requests decoding and {max_queue} waiting; retry later",
                      kind='rate_limit_error', headers={'Retry-After': '1'})
@@ -462,7 +335,7 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         async def events():  # a client that goes away cancels it, and Stream frees the row at once
             try:
-                async for text, reason in pieces(job, body.stop):
+                async for text, reason in batcher.pieces(job, body.stop):
                     yield f"data: {json.dumps({**head, 'choices': [choice(text, reason)]})}\n\n"
             except Exception as e:  # headers are sent: the fault goes in a last event, as OpenAI's
                 problem = e.detail if isinstance(e, HTTPException) else f"the server failed: {type(e).__name__}: {e}"
@@ -477,7 +350,7 @@ async def completions(body: CompletionRequest, request: Request):
 
     async def read():
         nonlocal reason
-        async for text, reason in pieces(job, body.stop):
+        async for text, reason in batcher.pieces(job, body.stop):
             texts.append(text)
     reading, gone = asyncio.ensure_future(read()), asyncio.ensure_future(until_gone(request))
     try:  # a client that hangs up (or times out) frees its row at once, as a streamed one does
@@ -485,7 +358,7 @@ async def completions(body: CompletionRequest, request: Request):
     finally:
         reading.cancel()
         gone.cancel()
-        release(job)
+        batcher.release(job)
     if not reading.done():
         return Response(status_code=499)  # the client is gone: nobody reads it
     reading.result()  # the job's fault, if any
@@ -541,10 +414,10 @@ class Server(uvicorn.Server):
 
     def handle_exit(self, sig, frame):
         """The first Ctrl-C (or SIGTERM) lets the requests in flight end; the second ends them now, each with
-        a last word (cut_off); a third stops at once."""
+        a last word: a 503, or a last error event; a third stops at once."""
         if self.should_exit and sig == signal.SIGINT and not getattr(self, 'cutting', False):
             self.cutting = True
-            cut_off()
+            batcher.end_all(HTTPException(503, "the server is shutting down (a second Ctrl-C): retry when it is back"))
         else:
             super().handle_exit(sig, frame)
 
@@ -563,8 +436,7 @@ def out_of_files(loop, context):
         log(f"new connections wait: {context['exception']} (ulimit -n is {limit}; raise it, or lower max_connections)")
 
 
-thread = threading.Thread(target=decode_forever, name='decoding')
-thread.start()
+batcher.start()
 log(f"serving {path} as {model_name} at http://{host}:{port} with {threads} threads (Ctrl-C stops)")
 if not api_key and '*' in hosts:
     log(f"warning: anyone who reaches {host}:{port} may use this server: set SERVE_API_KEY (or --api_key)")
@@ -577,7 +449,4 @@ try:
     if not server.started:
         die(f"serve.py could not listen on {host}:{port} (uvicorn's line above says why: another server there? --port=...)")
 finally:
-    with changed:
-        stopping = True
-        changed.notify()
-    thread.join()
+    batcher.stop()

@@ -1,7 +1,10 @@
+import asyncio
+
 import pytest
 import torch
 
 import generate as gen
+from batching import Batcher
 from generate import FastLinear, KVCache, Rows, fast_layout, generate, sample_logits, stream, use_fast_linears
 from model import GPT, GPTConfig
 
@@ -325,3 +328,51 @@ def test_rows_join_and_leave():
     assert rows.free == 1 and set(rows.step()) == {b}
     with pytest.raises(ValueError, match='temperature'):
         rows.add([4], temperature=-1)
+
+
+# ---------------------------------------------------------------------------- batching.Batcher: Rows for a server
+
+class Characters:
+    """A tokenizer for tiny()'s ids: id i is chr(32 + i), 95 is <|endoftext|>, 96 is past the vocabulary (padding)."""
+    n_vocab, eot_token = 96, 95
+
+    def decode_single_token_bytes(self, i):
+        return bytes([32 + i])
+
+
+def test_batcher_writes_each_job_as_its_row_alone():
+    """Jobs past the rows wait for one, and past max_queue get no place; each job's text is its row's tokens
+    alone, in pieces, up to <|endoftext|> or max_tokens, as serve.py reads them."""
+    model = tiny()
+
+    def alone(i, max_tokens):
+        rows = Rows(model, max_rows=2)
+        rows.add(PROMPTS[i], seed=i)
+        tokens = []
+        while len(tokens) < max_tokens and Characters.eot_token not in tokens:
+            tokens.append(rows.step()[0])
+        text = ''.join(chr(32 + t) for t in tokens if t < Characters.n_vocab and t != Characters.eot_token)
+        return text, 'stop' if Characters.eot_token in tokens else 'length'
+
+    async def serve():
+        batcher = Batcher(Rows(model, max_rows=2), Characters(), max_queue=1)
+        batcher.start()
+        try:
+            jobs = [batcher.admit(PROMPTS[i], dict(seed=i), 20) for i in range(3)]
+            assert batcher.admit(PROMPTS[3], {}, 20) is None  # 2 rows and 1 place in the queue, all taken
+            pieces = await asyncio.gather(*[collect(batcher.pieces(job, [])) for job in jobs])
+            generated = batcher.generated
+            for job in jobs:
+                batcher.release(job)
+            assert batcher.admit(PROMPTS[3], {}, 20) is not None
+            return pieces, generated, [job.used for job in jobs]
+        finally:
+            batcher.stop()
+
+    async def collect(pieces):
+        return [piece async for piece in pieces]
+    pieces, generated, used = asyncio.run(serve())
+    for i, written in enumerate(pieces):
+        assert all(reason is None for _, reason in written[:-1])
+        assert (''.join(text for text, _ in written), written[-1][1]) == alone(i, 20), i
+    assert generated == sum(used) and all(1 <= n <= 20 for n in used)
