@@ -11,13 +11,11 @@ set, the Host header must name this server (against DNS rebinding), and every li
 import asyncio
 import json
 import os
-import resource
 import secrets
 import signal
 import time
 import uuid
 
-import h11
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -25,12 +23,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from batching import Batcher
 from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log,
                     set_threads)
 from generate import Rows, check_options
+from serve_limits import connection, open_files, out_of_files
 from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -123,7 +121,7 @@ ttft = Histogram('serve_time_to_first_token_seconds', 'From a request admitted t
                  [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30])
 per_token = Histogram('serve_time_per_output_token_seconds', 'Between one token of a request and its next.',
                       [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5])
-counted = {'busy': 0, 'connections_refused': 0}  # 429s; connections closed at once, past max_connections
+busy = 0  # requests turned away with 429
 
 
 # -----------------------------------------------------------------------------
@@ -280,9 +278,9 @@ async def metrics():
             ('serve_requests_waiting', 'gauge', 'Requests waiting for a free row.', len(batcher.waiting)),
             ('serve_generation_tokens_total', 'counter', 'Tokens generated.', batcher.generated),
             ('serve_requests_rejected_total', 'counter', 'Requests turned away with 429: max_queue was full.',
-             counted['busy']),
+             busy),
             ('serve_connections_refused_total', 'counter', 'Connections closed at once: max_connections were open.',
-             counted['connections_refused'])]:
+             Connection.refused)]:
         lines += [f'# HELP {name} {what}', f'# TYPE {name} {kind}', f'{name} {value}']
     lines += ttft.text() + per_token.text()
     return PlainTextResponse('\n'.join(lines) + '\n', media_type='text/plain; version=0.0.4')
@@ -315,12 +313,13 @@ async def until_gone(request):
 
 @app.post('/v1/completions')
 async def completions(body: CompletionRequest, request: Request):
+    global busy
     # as sample.py: every story in train.bin follows an <|endoftext|>, which tells the model a new story begins
     ids = [enc.eot_token] + enc.encode(body.prompt, allowed_special='all')
     job = batcher.admit(ids, dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed),
                         body.max_tokens)
     if job is None:
-        counted['busy'] += 1
+        busy += 1
         return error(429, f"the server is busy: {max_batch} requests decoding and {max_queue} waiting; retry later",
                      kind='rate_limit_error', headers={'Retry-After': '1'})
     head = {'id': f'cmpl-{uuid.uuid4().hex}', 'object': 'text_completion', 'created': int(time.time()),
@@ -366,45 +365,9 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 # -----------------------------------------------------------------------------
-# Connections: the limits uvicorn lacks, and a second Ctrl-C that ends requests with a last word.
-# A connection holds a file, and asyncio accepts up to `backlog` at once before it can close any: raise the
-# soft limit on open files where the hard one allows, and keep max_connections and backlog clear of it.
-limit, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-held = len(os.listdir('/dev/fd')) + 16  # files open now, and a few to spare
-if limit < held + max_connections + 256:
-    want = held + max_connections + 256
-    limit = want if hard == resource.RLIM_INFINITY else min(hard, want)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-backlog = min(256, limit // 4)  # connections the kernel holds until they are accepted
-if held + max_connections + backlog > limit:
-    max_connections = max(1, limit - held - backlog)
-    log(f"max_connections lowered to {max_connections}: ulimit -n is {limit} (raise it to serve more connections)")
-
-
-class Connection(H11Protocol):
-    """uvicorn's HTTP/1.1 connection with the limits it lacks: at most max_connections open (more are
-    closed at once, before they use up the process's files), and request_timeout seconds to send each
-    whole request (a client that sends slowly, or never finishes, is closed)."""
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self.deadline = self.loop.call_later(request_timeout, self.too_slow)
-        if len(self.connections) > max_connections:
-            counted['connections_refused'] += 1
-            transport.close()
-
-    def on_response_complete(self):
-        super().on_response_complete()
-        self.deadline.cancel()  # the next request on this connection has its own time
-        self.deadline = self.loop.call_later(request_timeout, self.too_slow)
-
-    def connection_lost(self, exc):
-        self.deadline.cancel()
-        super().connection_lost(exc)
-
-    def too_slow(self):
-        if self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE) and not self.transport.is_closing():
-            self.transport.close()
+# Connections: the limits uvicorn lacks (serve_limits.py), and a second Ctrl-C that ends requests with a last word.
+max_connections, backlog = open_files(max_connections)
+Connection = connection(max_connections, request_timeout)
 
 
 class Server(uvicorn.Server):
@@ -420,20 +383,6 @@ class Server(uvicorn.Server):
             batcher.end_all(HTTPException(503, "the server is shutting down (a second Ctrl-C): retry when it is back"))
         else:
             super().handle_exit(sig, frame)
-
-
-said = 0.0  # when out_of_files last spoke
-
-
-def out_of_files(loop, context):
-    """asyncio logs a traceback for each connection it could not accept, thousands a second when the process
-    runs out of files (ulimit -n): say it in one line, at most every 10 s."""
-    global said
-    if context.get('message') != 'socket.accept() out of system resource':
-        return loop.default_exception_handler(context)
-    if time.monotonic() - said > 10:
-        said = time.monotonic()
-        log(f"new connections wait: {context['exception']} (ulimit -n is {limit}; raise it, or lower max_connections)")
 
 
 batcher.start()
