@@ -4,11 +4,16 @@ floor and nanoGPT's way, and prepare.py's tokenizer throughput. Prints one table
   $ python bench.py                                   # the small config, everything
   $ python bench.py --config_file=config/nano.py --parts=sample
   $ python bench.py --config_file=config/cpu.py --parts=step,attention --compile=True
+  $ python bench.py --parts=peer --compile=True      # out-cpu against llama.cpp (tools: ../shared/tools/llama-cpp.sh)
 """
 import json
 import math
 import os
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import fields
 
@@ -16,12 +21,12 @@ import torch
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common import autocast, compile_for_training, get_device, keep_freed_memory, set_threads
+from common import autocast, compile_for_training, die, get_device, keep_freed_memory, set_threads
 from generate import generate, use_fast_linears
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here
-parts = 'train,sample,prepare'  # which measurements to run: memory, train, step, attention, sample, prepare, serve
+parts = 'train,sample,prepare'  # which measurements to run: memory, train, step, attention, sample, prepare, serve, peer
 batch_size = 8  # training micro-batch (sequences of block_size tokens); step and attention take the config's
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
@@ -37,6 +42,10 @@ serve_models = 'out-cpu,config'  # serve.py under load: checkpoint folders, 'con
 serve_clients = '1,4,8,16'  # concurrent streaming clients, one request each
 serve_tokens = 128  # max_tokens of each request
 serve_batch = 8  # serve.py's max_batch
+peer_model = 'out-cpu'  # peer: the checkpoint folder that sample.py and llama.cpp both run, alternating
+peer_bin = ''  # peer: llama.cpp's tools (../shared/tools/llama-cpp.sh prints their folder); empty: $LLAMA_CPP_BIN, else that script's
+peer_tokens = 100  # peer: new tokens per story (after a 5-token prompt, within run.sh's 128-token window)
+peer_rounds = 2  # peer: alternating rounds per setting; the median and the range are reported
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 seed = 1337
@@ -239,11 +248,7 @@ if 'prepare' in parts:
 
 if 'serve' in parts:  # serve.py in a process of its own, its clients here, all on 127.0.0.1
     import itertools
-    import json
     import socket
-    import subprocess
-    import sys
-    import tempfile
     import threading
     import urllib.request
 
@@ -308,6 +313,54 @@ if 'serve' in parts:  # serve.py in a process of its own, its clients here, all 
             args = dict(model_args, vocab_size=50257)
             torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, os.path.join(folder, 'best.pt'))
             serve_load(folder, f"{config_file}'s shape", use_compile)
+
+if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, alternating, each dtype: ratios
+    tools = peer_bin or os.environ.get('LLAMA_CPP_BIN') or os.path.expanduser('~/.cache/llama.cpp-tools/build/bin')
+    if not os.path.isfile(os.path.join(tools, 'llama-bench')):
+        die(f"no llama.cpp tools in {tools}: `bash ../shared/tools/llama-cpp.sh` builds them (about 4 minutes on 2 "
+            "cores) and prints their folder, for --peer_bin")
+    n_threads = str(torch.get_num_threads())
+
+    def run(*command):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            die(f"{os.path.basename(command[0])} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+        return done
+
+    def ours(dtype, b, use_compile):
+        done = run(sys.executable, 'sample.py', f'--out_dir={peer_model}', '--start=Once upon a time', f'--num_samples={b}',
+                   f'--max_new_tokens={peer_tokens}', '--stop_at_eot=False', f'--dtype={dtype}', f'--device={device}',
+                   f'--compile={use_compile}', f'--threads={n_threads}')
+        return float(re.findall(r'([\d.]+) tokens/s', done.stderr)[-1])
+
+    def theirs(path, b):  # llama-bench for one story, llama-batched-bench for several (its generation speed)
+        if b == 1:
+            done = run(os.path.join(tools, 'llama-bench'), '-m', path, '-t', n_threads, '-p', '0', '-n', str(peer_tokens),
+                       '-r', '3', '-o', 'json')
+            return json.loads(done.stdout)[0]['avg_ts']
+        done = run(os.path.join(tools, 'llama-batched-bench'), '-m', path, '-t', n_threads, '-c', str(b * (peer_tokens + 8)),
+                   '-npp', '4', '-ntg', str(peer_tokens), '-npl', str(b), '--output-format', 'jsonl')
+        return json.loads(done.stdout.strip().splitlines()[-1])['speed_tg']
+
+    spread = lambda xs: f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in dtypes.split(','):
+            path = os.path.join(folder, f'{dtype}.gguf')
+            run(sys.executable, 'export.py', f'--out_dir={peer_model}', '--format=gguf',
+                f"--gguf_type={'f32' if dtype == 'float32' else 'bf16' if dtype == 'bfloat16' else 'f16'}", f'--gguf_file={path}')
+            for b in (int(s) for s in sample_batches.split(',')):
+                speeds = {'llama.cpp': [], 'eager': [], 'compiled': []}
+                for _ in range(peer_rounds):  # alternating, so that a shared machine's drift meets both alike
+                    speeds['llama.cpp'].append(theirs(path, b))
+                    speeds['eager'].append(ours(dtype, b, False))
+                    if compile:
+                        speeds['compiled'].append(ours(dtype, b, True))
+                peer = statistics.median(speeds['llama.cpp'])
+                for way in ('eager', 'compiled') if compile else ('eager',):
+                    rows.append(('peer', f"{dtype} sample.py {way} against llama.cpp, {peer_model}",
+                                 f"batch {b}", spread(speeds[way]),
+                                 f"{statistics.median(speeds[way]) / peer:.2f}x llama.cpp's {spread(speeds['llama.cpp'])}; "
+                                 f"{peer_tokens} new tokens, {peer_rounds} round{'s' * (peer_rounds > 1)}, {n_threads} threads"))
 
 name = torch.cuda.get_device_name() if device_type == 'cuda' else \
     f"{device}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}"

@@ -35,3 +35,23 @@ def test_threads_sets_the_thread_count_it_reports():
     run = subprocess.run(cmd + ['--threads=-1'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and run.stdout == ''
     assert run.stderr.splitlines()[-1] == 'error: threads must be a whole number >= 0 (0: one per core), got -1'
+
+
+def test_peer_runs_one_checkpoint_in_both_engines_and_gives_the_ratio(tmp_path):
+    import pytest
+    import torch
+    from model import GPT, GPTConfig
+    from test_gguf import LLAMA_CPP_BIN, needs_llama_cpp
+    if needs_llama_cpp.args[0]:
+        pytest.skip(needs_llama_cpp.kwargs['reason'])
+    args = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50257)
+    torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, tmp_path / 'best.pt')
+    cmd = [sys.executable, 'bench.py', '--parts=peer', f'--peer_model={tmp_path}', '--peer_tokens=8', '--peer_rounds=2',
+           '--dtypes=float32', '--sample_batches=1,2', '--device=cpu', '--threads=1', f'--peer_bin={LLAMA_CPP_BIN}']
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split(' | ') for line in run.stdout.splitlines() if line.startswith('| peer')]
+    assert [r[2] for r in rows] == ['batch 1', 'batch 2'] and all('sample.py eager' in r[1] for r in rows)
+    assert all(float(r[3].split()[0].replace(',', '')) > 0 and "x llama.cpp's " in r[4] and '2 rounds' in r[4] for r in rows)
+    run = subprocess.run(cmd[:-1] + [f'--peer_bin={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(f'error: no llama.cpp tools in {tmp_path}')
