@@ -186,8 +186,9 @@ def unparsed(texts, timeout=600):
     if not shutil.which(LINK_PARSER):
         return None, f'not measured: {LINK_PARSER} is not installed (apt-get install link-grammar)'
     found = [s.replace('"', '').replace('\u201c', '').replace('\u201d', '') for t in texts for s in sentences(t)]
-    found = [' '.join(s.split()) for s in found]
-    found = [s for s in found if WORD.search(s) and not s.startswith('!')]  # '!' lines are link-parser commands
+    found = [' '.join(re.sub(r'[\x00-\x1f\x7f-\x9f]', ' ', s).split()) for s in found]  # a NUL ends its line there
+    # a line that begins with '!' is a link-parser command, one with '%' a comment: begin each at a word
+    found = [re.sub(r'^\W+', '', s) for s in found if WORD.search(s)]
     if not found:
         return 0.0, []
     # batch mode reports "+++++ error N" after each echoed sentence it cannot link whole (no spelling guesses)

@@ -105,6 +105,13 @@ def test_link_grammar_counts_sentences_it_cannot_parse():
     assert share == 0.5 and bad == ['She liked to make it sweet and like its.', 'The cat ran quickly to home the.']
 
 
+@pytest.mark.skipif(not stories.shutil.which(stories.LINK_PARSER), reason='link-parser (apt-get install link-grammar) is absent')
+def test_link_grammar_reads_an_untrained_models_text():
+    # a NUL ended link-parser's line there, and a sentence that begins with % or ! was a comment or a command to it
+    share, bad = stories.unparsed(['The cat sat.\x00 lamb%phal ran. %comment here is bad. !batch we did. The dog ran home.'])
+    assert share == len(bad) / 5 and 'lamb%phal ran.' in bad and 'The cat sat.' not in bad  # none lost, none in error
+
+
 def test_without_link_parser_grammar_says_it_is_not_measured(monkeypatch):
     monkeypatch.setattr(stories, 'LINK_PARSER', 'no-such-link-parser')
     share, note = stories.unparsed(['A sentence.'])
