@@ -22,25 +22,25 @@ needs_tokenizer = pytest.mark.skipif(not os.path.isdir(TIKTOKEN_CACHE) and 'TIKT
                                      reason='no offline tiktoken cache (../shared/tiktoken-cache)')
 
 
-def write_data(data_dir, state, stories, repeats=40):
+def write_data(data_dir, state, stories, repeats=40, validation=None):
     """data_dir as prepare.py lays it out, in the tokens of the tokenizer `state` describes: the stories,
-    each after <|endoftext|>, `repeats` times over, as both splits. Returns the tokenizer."""
+    each after <|endoftext|>, `repeats` times over, as the train split, and as the validation split too
+    unless other stories are given for it. Returns the tokenizer."""
     import json
     import numpy as np
     import tokenizer
     enc = tokenizer.get_tokenizer(state)
-    tokens = np.array([t for s in stories * repeats for t in [enc.eot_token] + enc.encode_ordinary(s)], dtype=np.uint16)
     os.makedirs(data_dir)
     if state['json']:
         with open(os.path.join(data_dir, 'tokenizer.json'), 'w', encoding='utf-8') as f:
             f.write(state['json'])
-    documents = len(stories) * repeats
-    meta = {**tokenizer.meta_fields(enc), 'train': {'tokens': len(tokens), 'documents': documents},
-            'validation': {'tokens': len(tokens), 'documents': documents}}
+    meta = tokenizer.meta_fields(enc)
+    for split, docs in (('train', stories * repeats), ('validation', validation or stories * repeats)):
+        tokens = np.array([t for s in docs for t in [enc.eot_token] + enc.encode_ordinary(s)], dtype=np.uint16)
+        tokens.tofile(os.path.join(data_dir, f'{split}.bin'))
+        meta[split] = {'tokens': len(tokens), 'documents': len(docs)}
     with open(os.path.join(data_dir, 'meta.json'), 'w') as f:
         json.dump(meta, f)
-    for split in ('train', 'validation'):
-        tokens.tofile(os.path.join(data_dir, f'{split}.bin'))
     return enc
 
 

@@ -11,17 +11,15 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 import torch
 
 import rate
-from conftest import ROOT, needs_tokenizer
+from conftest import ROOT, needs_tokenizer, write_data
 from model import GPT, GPTConfig
 from test_page import browser, free_port  # noqa: F401 (browser: a fixture)
 
 pytestmark = needs_tokenizer
-EOT = 50256
 MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)
 STORIES = ['Ben had a small boat. He pushed it into the pond and watched it float away.',
            'A little bird sat on a branch. It sang a song for the flowers below.',
@@ -32,15 +30,10 @@ SECONDS = 60  # the most any one wait here takes
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
     """Three tiny random checkpoints (out_dirs ckpt-a, ckpt-b, ckpt-c) trained on data of three stories."""
-    from tokenizer import get_tokenizer
-    enc = get_tokenizer()
+    from tokenizer import GPT2
     root = tmp_path_factory.mktemp('rate')
     data = root / 'data'
-    data.mkdir()
-    tokens = [t for s in STORIES for t in [EOT] + enc.encode_ordinary(s)]
-    np.array(tokens, dtype=np.uint16).tofile(data / 'validation.bin')
-    (data / 'meta.json').write_text(json.dumps({'dtype': 'uint16', 'vocab_size': 50257, 'eot_token': EOT,
-                                                'validation': {'tokens': len(tokens), 'documents': 3}}))
+    write_data(data, GPT2, STORIES, repeats=1)
     for i, name in enumerate(('ckpt-a', 'ckpt-b', 'ckpt-c')):
         torch.manual_seed(i)
         (root / name).mkdir()

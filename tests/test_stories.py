@@ -7,16 +7,14 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 import sacrebleu
 import torch
 
 import stories
-from conftest import ROOT, TINYSTORIES, needs_shared, needs_tokenizer
+from conftest import ROOT, TINYSTORIES, needs_shared, needs_tokenizer, write_data
 from model import GPT, GPTConfig
 
-EOT = 50256
 MODEL_ARGS = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=50257)
 TRAIN = ['Once upon a time, there was a little girl named Lily. She had a red ball that she loved very much. '
          'Every day she took the ball to the park and played with her friend Tim under the big tree.',
@@ -123,17 +121,10 @@ def test_without_link_parser_grammar_says_it_is_not_measured(monkeypatch):
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-    from tokenizer import get_tokenizer
-    enc = get_tokenizer()
+    from tokenizer import GPT2
     root = tmp_path_factory.mktemp('stories')
     data = root / 'data'
-    data.mkdir()
-    meta = {'dtype': 'uint16', 'vocab_size': 50257, 'eot_token': EOT}
-    for split, docs in (('train', TRAIN), ('validation', HELD_OUT + TRAIN[:1])):
-        tokens = [t for d in docs for t in [EOT] + enc.encode_ordinary(d)]
-        np.array(tokens, dtype=np.uint16).tofile(data / f'{split}.bin')
-        meta[split] = {'tokens': len(tokens), 'documents': len(docs)}
-    (data / 'meta.json').write_text(json.dumps(meta))
+    write_data(data, GPT2, TRAIN, repeats=1, validation=HELD_OUT + TRAIN[:1])
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL_ARGS))
     torch.save({'model': model.state_dict(), 'model_args': MODEL_ARGS, 'iter_num': 3, 'config': {'data_dir': str(data)}},
