@@ -324,7 +324,8 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
     def run(*command):
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
-            die(f"{os.path.basename(command[0])} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+            die(f"{os.path.basename(command[1] if command[0] == sys.executable else command[0])} failed: "
+                f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
         return done
 
     def ours(dtype, b, use_compile):

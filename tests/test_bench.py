@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, needs_tokenizer
 
 
 def test_bench_prints_a_row_per_measurement():
@@ -37,6 +37,7 @@ def test_threads_sets_the_thread_count_it_reports():
     assert run.stderr.splitlines()[-1] == 'error: threads must be a whole number >= 0 (0: one per core), got -1'
 
 
+@needs_tokenizer  # the checkpoint's GPT-2 tokenizer, for the export and sample.py
 def test_peer_runs_one_checkpoint_in_both_engines_and_gives_the_ratio(tmp_path):
     import pytest
     import torch
