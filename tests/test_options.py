@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from common import load_checkpoint, load_model
-from conftest import ROOT, needs_tokenizer
+from conftest import ENV, ROOT, assert_error, metrics, needs_tokenizer, train
 from generate import generate
 from model import GPT, GPTConfig
-from test_train import ENV, assert_error, cycles, metrics, train, write_data
 
 LLAMA = dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', bias=False, tie_embeddings=False)
 OPTIONS = {
@@ -185,12 +184,7 @@ def test_muon_orthogonalises_in_float32_on_a_cpu_without_bf16(monkeypatch, has_b
     one_step(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon'))
     assert bool(called) != has_bf16 and _muon._zeropower_via_newtonschulz is bf16  # put back after the step
 
-# ---------------------------------------------------------------------------- train.py
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp('data'), cycles(20000, 0), cycles(4000, 1))
-
+# ---------------------------------------------------------------------------- train.py (on conftest's data)
 
 def flags(options):
     return [f'--{k}={v}' for k, v in options.items()]
