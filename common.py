@@ -1,4 +1,4 @@
-"""Small helpers shared by the scripts: errors, device and dtype, atomic writes, data, checkpoints.
+"""Small helpers shared by the scripts: errors, device and dtype, atomic writes, data, loading checkpoints.
 torch is imported inside the functions that need it: prepare.py uses this module too, and
 importing torch would cost it a second and ~300 MB for nothing."""
 import contextlib
@@ -97,37 +97,6 @@ def compile_for_training(model, device_type):
         import torch._inductor.config
         torch._inductor.config.fallback_random = True
     return torch.compile(model)
-
-
-def weight_average(model, decay, resumed=None):
-    """An exponential moving average of model's weights (torch.optim.swa_utils), evaluated in its place; from a
-    resumed checkpoint's average when it holds one."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay)).eval()
-    if resumed and 'ema_updates' in resumed:
-        averaged.module.load_state_dict(resumed['model'])
-        averaged.n_averaged.fill_(resumed['ema_updates'])
-    return averaged
-
-
-def weights_to_save(model, averaged):
-    """A checkpoint's weights: 'model' is what sample.py, eval.py and export.py read (the average, if any);
-    with an average the trained weights go beside it, to resume."""
-    if averaged is None:
-        return {'model': model.state_dict()}
-    return {'model': averaged.module.state_dict(), 'trained_model': model.state_dict(),
-            'ema_updates': int(averaged.n_averaged)}
-
-
-def check_same_weights(model, world_size):
-    """Every DDP process must end with the same weights, or their gradients were not kept in sync."""
-    import torch
-    import torch.distributed as dist
-    sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    all_sums = [torch.empty_like(sums) for _ in range(world_size)]
-    dist.all_gather(all_sums, sums)
-    if not all(torch.equal(s, sums) for s in all_sums):
-        die("the DDP processes ended with different weights: their gradients were not kept in sync")
 
 
 def autocast(device_type, dtype):
@@ -232,42 +201,6 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
-def rng_state(device_type):
-    """This process's random states, as plain tensors, tuples and ints (torch.load(weights_only=True) reads them)."""
-    import random
-    import torch
-    np_state = np.random.get_state()
-    return {'python': random.getstate(), 'numpy': (np_state[0], np_state[1].tolist(), *np_state[2:]),
-            'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state() if device_type == 'cuda' else None}
-
-
-def set_rng_state(rng, device_type):
-    """Go on with the random states rng_state gave."""
-    import random
-    import torch
-    random.setstate(rng['python'])
-    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
-    torch.set_rng_state(rng['torch'].cpu())
-    if device_type == 'cuda' and rng['cuda'] is not None:
-        torch.cuda.set_rng_state(rng['cuda'].cpu())
-
-
-def write_checkpoint(checkpoint, path):
-    """torch.save, atomically (a kill mid-write keeps the old file); a failed write ends the run with one
-    line, the old file kept."""
-    import torch
-    try:
-        # through a file of ours, a failed write's OSError (No space left on device) reaches us, as the
-        # context of the RuntimeError torch.save makes of it
-        with atomic_output(path) as tmp, open(tmp, 'wb') as f:
-            torch.save(checkpoint, f)
-    except (OSError, RuntimeError) as e:
-        why = next((x for x in (e, e.__context__) if isinstance(x, OSError)), e)
-        reason = getattr(why, 'strerror', None) or str(why).split('\n')[0]
-        die(f"cannot save {path} at iter {checkpoint['iter_num']}: {reason} (disk full?); it keeps its previous "
-            "version: make room, then continue with --init_from=resume")
-
-
 def checkpoint_path(out_dir, ckpt):
     """ckpt is 'best' or 'last' (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint."""
     return os.path.join(out_dir, f'{ckpt}.pt') if ckpt in ('best', 'last') else ckpt
@@ -336,39 +269,3 @@ def open_split(data_dir, meta, split):
 def log(*args):
     """Progress and diagnostics go to stderr, so stdout stays the script's real output."""
     print(*args, file=sys.stderr, flush=True)
-
-
-# nanoGPT's model_args, which every train.py checkpoint holds too; GPTConfig's later options default to GPT-2's recipe
-NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
-
-
-def checkpoint_config(checkpoint, path, config, resume):
-    """The GPTConfig of a train.py (or nanoGPT) checkpoint, checked against the GPTConfig `config` of
-    the run that loads it: to resume, the same model, with the optimizer and random states to go on
-    with; to fine-tune, the same but for block_size (cropped, never grown) and vocab_size (the
-    data's may be smaller). Neither depends on the dropout rates, which may be missing."""
-    from dataclasses import asdict
-    from model import GPTConfig
-    saved = checkpoint['model_args'] if isinstance(checkpoint['model_args'], dict) else {}
-    missing = [f"model_args[{k!r}]" for k in NANOGPT_ARGS if k not in saved and k != 'dropout']
-    if resume:
-        missing += [k for k in ('optimizer', 'iter_num', 'best_val_loss', 'rng') if k not in checkpoint]
-        if 'optimizer' in missing:
-            die(f"{path} holds no {', '.join(missing)} to resume from (a weights-only file?): "
-                f"fine-tune it instead, --init_from={path} with another --out_dir")
-    if missing:
-        die(f"{path} lacks {', '.join(missing)}: it is not a complete train.py checkpoint")
-    try:
-        saved = GPTConfig(**saved)  # older checkpoints lack the newer options: theirs are the defaults
-    except (TypeError, ValueError) as e:
-        die(f"{path} holds model_args that model.py cannot build: {e}")
-    have, wanted = asdict(saved), asdict(config)
-    differ = [f"{k}={have[k]} (the config says {wanted[k]})" for k in wanted if have[k] != wanted[k]
-              and k not in ('dropout', 'attn_dropout', 'vocab_size') and (k != 'block_size' or resume)]
-    if differ:
-        die(f"{path} holds a model of another shape: {', '.join(differ)}; train with the config it was made with")
-    if config.block_size > saved.block_size:
-        die(f"{path} was trained with block_size={saved.block_size}; fine-tuning can shrink it, not grow it")
-    if config.vocab_size > saved.vocab_size:
-        die(f"the data's vocabulary ({config.vocab_size} tokens) is larger than that of {path} ({saved.vocab_size})")
-    return saved

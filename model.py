@@ -8,7 +8,6 @@ needs of it; generation (the KV cache, sampling, fast inference kernels) is gene
 """
 import inspect
 import math
-import re
 from dataclasses import dataclass
 
 import torch
@@ -172,23 +171,25 @@ class GPTConfig:
 
     def __post_init__(self):
         """Every option's range, checked once here: train.py, load_model and hf.py all build one."""
-        head = self.n_embd // self.n_head if self.n_head >= 1 else 0
-        rules = {
-            'block_size >= 1': self.block_size >= 1, 'vocab_size >= 1': self.vocab_size >= 1,
-            'n_layer >= 1': self.n_layer >= 1, 'n_head >= 1': self.n_head >= 1, 'n_embd >= 1': self.n_embd >= 1,
-            'n_embd % n_head == 0': head * self.n_head == self.n_embd,
-            '0 <= dropout < 1': 0 <= self.dropout < 1, "pos_emb in ('learned', 'rope')": self.pos_emb in ('learned', 'rope'),
-            "norm in ('layernorm', 'rmsnorm')": self.norm in ('layernorm', 'rmsnorm'),
-            "mlp in ('gelu', 'swiglu')": self.mlp in ('gelu', 'swiglu'),
-            "pos_emb != 'rope' or n_embd // n_head % 2 == 0": self.pos_emb != 'rope' or head % 2 == 0,  # rotary pairs
-            'rope_theta > 0': self.rope_theta > 0,
-            'attn_dropout is None or 0 <= attn_dropout < 1': self.attn_dropout is None or 0 <= self.attn_dropout < 1,
-        }
-        for rule, ok in rules.items():
-            if not ok:
-                names = [k for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in self.__dataclass_fields__]
-                raise ValueError(f"need {rule}, got {', '.join(f'{k}={getattr(self, k)!r}' for k in names)}")
-
+        for k in ('block_size', 'vocab_size', 'n_layer', 'n_head', 'n_embd'):
+            if getattr(self, k) < 1:
+                raise ValueError(f"need {k} >= 1, got {k}={getattr(self, k)!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"need n_embd % n_head == 0, got n_embd={self.n_embd!r}, n_head={self.n_head!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"need 0 <= dropout < 1, got dropout={self.dropout!r}")
+        for k, choices in (('pos_emb', ('learned', 'rope')), ('norm', ('layernorm', 'rmsnorm')),
+                           ('mlp', ('gelu', 'swiglu'))):
+            if getattr(self, k) not in choices:
+                raise ValueError(f"need {k} in {choices}, got {k}={getattr(self, k)!r}")
+        if self.pos_emb == 'rope' and self.n_embd // self.n_head % 2:  # rotary turns pairs of a head's dimensions
+            raise ValueError(f"need pos_emb != 'rope' or n_embd // n_head % 2 == 0, got pos_emb='rope', "
+                             f"n_embd={self.n_embd!r}, n_head={self.n_head!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"need rope_theta > 0, got rope_theta={self.rope_theta!r}")
+        if not (self.attn_dropout is None or 0 <= self.attn_dropout < 1):
+            raise ValueError(f"need attn_dropout is None or 0 <= attn_dropout < 1, "
+                             f"got attn_dropout={self.attn_dropout!r}")
 
     def attention_dropout(self):
         return self.dropout if self.attn_dropout is None else self.attn_dropout

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
-from common import (NANOGPT_ARGS, autocast, check_same_weights, checkpoint_config, compile_for_training, die,
-                    get_device, get_dtype, keep_freed_memory, load_checkpoint, lock_folder, log, open_split, read_meta,
-                    remove_stale_temps, rng_state, set_rng_state, set_threads, weight_average, weights_to_save,
-                    write_checkpoint)
+from checkpoints import NANOGPT_ARGS, checkpoint_config, rng_state, set_rng_state, write_checkpoint
+from common import (autocast, compile_for_training, die, get_device, get_dtype, keep_freed_memory, load_checkpoint,
+                    lock_folder, log, open_split, read_meta, remove_stale_temps, set_threads)
 from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
@@ -102,16 +102,26 @@ if min_lr is None:
     min_lr = config['min_lr'] = learning_rate / 10
 if muon_learning_rate is None:
     muon_learning_rate = config['muon_learning_rate'] = learning_rate
-# every setting's range, before anything is read or written: the training settings' here, the model's in GPTConfig
-for rule in ('eval_interval >= 1', 'log_interval >= 1', 'eval_iters >= 1', 'patience >= 0', 'batch_size >= 1',
-             'gradient_accumulation_steps >= 1', 'learning_rate > 0', 'max_iters >= 0', 'weight_decay >= 0',
-             '0 <= beta1 < 1', '0 <= beta2 < 1', 'grad_clip >= 0', "optimizer in ('adamw', 'muon')",
-             'muon_learning_rate > 0', '0 <= muon_momentum < 1', '0 <= ema < 1', 'warmup_iters >= 0', 'min_lr >= 0',
-             'not decay_lr or lr_decay_iters >= warmup_iters', "dtype in ('auto', 'float32', 'bfloat16', 'float16')",
-             "backend in ('auto', 'nccl', 'gloo')", 'peak_flops >= 0'):
-    if not eval(rule, {'__builtins__': {}}, config):  # the rules above, never user input: values are parsed literals
-        got = ', '.join(f'{k}={config[k]!r}' for k in dict.fromkeys(re.findall(r'[a-z_]\w*', rule)) if k in config)
-        die(f"need {rule}, got {got}")
+# every setting's range, before anything is read or written: the training settings' here, the model's in GPTConfig,
+# dtype's in get_dtype (every script's precision rule) and threads' in set_threads
+for k in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'gradient_accumulation_steps'):
+    if globals()[k] < 1:
+        die(f"need {k} >= 1, got {k}={globals()[k]!r}")
+for k in ('patience', 'max_iters', 'weight_decay', 'grad_clip', 'warmup_iters', 'min_lr', 'peak_flops'):
+    if globals()[k] < 0:
+        die(f"need {k} >= 0, got {k}={globals()[k]!r}")
+for k in ('learning_rate', 'muon_learning_rate'):
+    if globals()[k] <= 0:
+        die(f"need {k} > 0, got {k}={globals()[k]!r}")
+for k in ('beta1', 'beta2', 'muon_momentum', 'ema'):
+    if not 0 <= globals()[k] < 1:
+        die(f"need 0 <= {k} < 1, got {k}={globals()[k]!r}")
+for k, choices in (('optimizer', ('adamw', 'muon')), ('backend', ('auto', 'nccl', 'gloo'))):
+    if globals()[k] not in choices:
+        die(f"need {k} in {choices}, got {k}={globals()[k]!r}")
+if decay_lr and lr_decay_iters < warmup_iters:
+    die(f"need not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr={decay_lr!r}, "
+        f"lr_decay_iters={lr_decay_iters!r}, warmup_iters={warmup_iters!r}")
 try:  # with GPTConfig's default vocab_size until meta.json gives the data's
     model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
 except ValueError as e:
@@ -226,14 +236,14 @@ model_args = {k: v for k, v in asdict(model.config).items() if k in NANOGPT_ARGS
 
 # a GradScaler keeps small fp16 gradients from flushing to zero; it does nothing for other dtypes
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-# from here on, `optimizer` is the optimizer that the setting named
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
-                                       muon_learning_rate, muon_momentum)
-lr_scales = [group['lr'] / learning_rate for group in optimizer.param_groups]  # the schedule scales every group alike
+# the optimizer that the setting `optimizer` names ('adamw' or 'muon'), which keeps that name
+opt = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, optimizer,
+                                 muon_learning_rate, muon_momentum)
+lr_scales = [group['lr'] / learning_rate for group in opt.param_groups]  # the schedule scales every group alike
 iter_num, best_val_loss = 0, float('inf')
 if init_from == 'resume':
     iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    opt.load_state_dict(checkpoint['optimizer'])
     if checkpoint.get('scaler'):
         scaler.load_state_dict(checkpoint['scaler'])
     rngs = checkpoint['rng']  # one per process
@@ -255,7 +265,12 @@ if init_from == 'resume':
             sys.exit(0)
 
 raw_model = model  # the bare model: its state_dict has no compile or DDP prefixes
-averaged = weight_average(raw_model, ema, checkpoint if init_from == 'resume' else None) if ema else None
+averaged = None  # with ema, the average of the weights, evaluated and saved in their place
+if ema:
+    averaged = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(ema)).eval()
+    if init_from == 'resume' and 'ema_updates' in checkpoint:  # the average goes on from the resumed one
+        averaged.module.load_state_dict(checkpoint['model'])
+        averaged.n_averaged.fill_(checkpoint['ema_updates'])
 checkpoint = None  # free its memory
 if compile is None:
     compile = device_type == 'cuda'
@@ -313,14 +328,17 @@ def save_checkpoint(names):
     if not master_process:
         return
     checkpoint = {
-        **weights_to_save(raw_model, averaged),
+        # 'model' is what sample.py, eval.py and export.py read: the average, if any, with the trained weights beside
+        # it to resume from
+        'model': (averaged.module if averaged else raw_model).state_dict(),
+        **({'trained_model': raw_model.state_dict(), 'ema_updates': int(averaged.n_averaged)} if averaged else {}),
         'model_args': model_args,
         'tokenizer': tokenizer,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
         'started_from': started_from,
-        'optimizer': optimizer.state_dict(),
+        'optimizer': opt.state_dict(),
         'scaler': scaler.state_dict() if scaler.is_enabled() else None,
         'rng': rngs,  # rank by rank
     }
@@ -358,7 +376,7 @@ evals_since_best, stop = 0, False
 window_time, window_iters = 0.0, 0  # time spent training since the last log line
 while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
-    for group, scale in zip(optimizer.param_groups, lr_scales):
+    for group, scale in zip(opt.param_groups, lr_scales):
         group['lr'] = lr * scale
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
@@ -411,11 +429,11 @@ while True:
             die(f"the training loss is not finite at iter {iter_num}: training diverged (try a lower learning_rate); "
                 f"{out_dir}/last.pt keeps iter {saved_at}")
     if grad_clip:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+        scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    scaler.step(opt)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
     if averaged:
         averaged.update_parameters(raw_model)
     window_time += time.time() - t0
@@ -436,8 +454,12 @@ if master_process:
 
 if stop and saved_at != iter_num:
     save_checkpoint(['last.pt'])
-if ddp:
-    check_same_weights(raw_model, world_size)  # a real check that DDP did its job
+if ddp:  # a real check that DDP did its job: every process ends with the same weights
+    sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
+    all_sums = [torch.empty_like(sums) for _ in range(world_size)]
+    dist.all_gather(all_sums, sums)
+    if not all(torch.equal(s, sums) for s in all_sums):
+        die("the DDP processes ended with different weights: their gradients were not kept in sync")
     # free DDP's reducer, which holds gloo work objects, while the process group still lives: left to
     # the interpreter's teardown, they abort the process now and then (SIGABRT)
     model = None

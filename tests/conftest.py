@@ -117,7 +117,7 @@ def prepare_error(monkeypatch, *args):
     return str(e.value)
 
 
-# ---------------------------------------------------------------------------- train.py on a tiny model and made-up tokens
+# ---------------------------------------------------------------------------- train.py: a tiny model, made-up tokens
 
 VOCAB = 64
 TINY = ['--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16', '--batch_size=8',

@@ -53,8 +53,8 @@ def test_sigterm_finishes_the_step_saves_and_exits(data, out):
 # raises as torch.save does then: a RuntimeError, the OSError its context)
 HOOKED = """
 import contextlib, errno, os, runpy, sys
-import common, torch
-atomic_output, hook, n = common.atomic_output, *os.environ['HOOK'].rsplit('-', 1)
+import checkpoints, torch
+atomic_output, hook, n = checkpoints.atomic_output, *os.environ['HOOK'].rsplit('-', 1)
 saved = []
 
 @contextlib.contextmanager
@@ -77,7 +77,7 @@ def hooked_save(obj, f):
             raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
     torch_save(obj, f)
 
-common.atomic_output, torch_save, torch.save = hooked_output, torch.save, hooked_save
+checkpoints.atomic_output, torch_save, torch.save = hooked_output, torch.save, hooked_save
 sys.argv = sys.argv[1:]
 runpy.run_path('train.py', run_name='__main__')
 """

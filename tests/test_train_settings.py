@@ -107,7 +107,7 @@ def test_config_files_set_only_train_settings(name, tmp_path):
     ('--lr_decay_iters=1', 'not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr=True, lr_decay_iters=1, warmup_iters=2'),
     ('--ema=1', '0 <= ema < 1'), ('--attn_dropout=1.0', 'attn_dropout is None or 0 <= attn_dropout < 1'),
     ('--peak_flops=-1', 'peak_flops >= 0'), ('--backend=mpi', "backend in ('auto', 'nccl', 'gloo')"),
-    ('--dtype=fp8', "dtype in ('auto', 'float32', 'bfloat16', 'float16')"),
+    ('--dtype=fp8', 'dtype=fp8 is not one of auto, float32, bfloat16, float16'),  # get_dtype's, every script's
     ('--optimizer=sgd', "optimizer in ('adamw', 'muon'), got optimizer='sgd'"),
     ('--threads=-1', 'threads must be a whole number >= 0 (0: one per core), got -1'),
     ('--pos_emb=alibi', "pos_emb='alibi'"), ('--mlp=relu', "mlp='relu'"),  # GPTConfig's own checks
