@@ -27,8 +27,14 @@ class Job:
         self.began = time.perf_counter()
 
     def send(self, item):
+        send([(self, item)])
+
+
+def send(items):
+    """Put each (job, item) on its job's queue, all in one call into the event loop (one wake-up a step)."""
+    if items:
         try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+            items[0][0].loop.call_soon_threadsafe(lambda: [job.out.put_nowait(item) for job, item in items])
         except RuntimeError:  # the event loop has closed: the server is shutting down
             pass
 
@@ -59,13 +65,11 @@ class Batcher:
             self.changed.notify()
         self.thread.join()
 
-    def end(self, job, reason=None):
-        """Take job's row away and, when it ended by itself, tell it why."""
+    def end(self, job):
+        """Take job's row away."""
         self.rows.remove(job.slot)
         del self.decoding[job.slot]
         job.slot = None
-        if reason is not None:
-            job.send(reason)
 
     def decode_forever(self):
         rows, decoding, eot = self.rows, self.decoding, self.enc.eot_token
@@ -92,12 +96,15 @@ class Batcher:
                         self.end(job)
                 continue
             self.generated += len(tokens)
+            out = []
             for slot, token in tokens.items():
                 job = decoding[slot]
                 job.made += 1
-                job.send(token)
+                out.append((job, token))
                 if token == eot or job.made == job.max_tokens:
-                    self.end(job, 'stop' if token == eot else 'length')
+                    out.append((job, 'stop' if token == eot else 'length'))
+                    self.end(job)
+            send(out)
 
     def admit(self, ids, options, max_tokens):
         """A Job for the prompt ids with Rows.add's options, in line for a row; None when every place is taken."""
@@ -135,18 +142,22 @@ class Batcher:
         hold = max(map(len, stop), default=1) - 1
         held, reason, job.used, last = '', None, 0, None
         while reason is None:
-            item = await job.out.get()
-            if isinstance(item, Exception):
-                raise item
-            if isinstance(item, str):
-                reason, new = item, decoder.decode(b'', final=True)
-            else:
+            items, new = [await job.out.get()], ''
+            while not job.out.empty():  # tokens that came while the last text was written out: one piece
+                items.append(job.out.get_nowait())
+            for item in items:
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, str):
+                    reason = item
+                    new += decoder.decode(b'', final=True)
+                    break
                 now = time.perf_counter()
                 self.on_token(now - (job.began if last is None else last), last is None)
                 job.used, last = job.used + 1, now
                 # <|endoftext|> and ids past the tokenizer's (a vocabulary padded for speed) have no text
                 known = item < enc.n_vocab and item != enc.eot_token
-                new = decoder.decode(enc.decode_single_token_bytes(item) if known else b'')
+                new += decoder.decode(enc.decode_single_token_bytes(item) if known else b'')
             held += new
             cut = min((i for i in map(held.find, stop) if i >= 0), default=-1)
             if cut >= 0:

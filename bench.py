@@ -22,7 +22,8 @@ from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common import autocast, compile_for_training, die, get_device, keep_freed_memory, set_threads
-from generate import generate, use_fast_linears
+from generate import generate
+from layouts import use_fast_linears
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here

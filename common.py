@@ -218,6 +218,25 @@ def load_model(path, device='cpu'):
     return model.to(device).eval(), ckpt
 
 
+
+def load_for_generation(path, device, dtype, int8=False):
+    """A train.py checkpoint's model made ready to generate with, its tokenizer and the checkpoint:
+    the weights cast to dtype, then laid out for decoding (layouts.py): int8, or the CPU's faster
+    layouts. sample.py, serve.py and rate.py load through it."""
+    import torch
+    from layouts import use_fast_linears, use_int8_weights
+    from tokenizer import checkpoint_tokenizer, get_tokenizer
+    model, checkpoint = load_model(path, device)
+    enc = get_tokenizer(checkpoint_tokenizer(checkpoint))
+    if model.config.vocab_size < enc.n_vocab:
+        die(f"{path} has vocab_size={model.config.vocab_size}, too small for its tokenizer {enc.name} ({enc.n_vocab})")
+    if dtype != 'float32':
+        # generation needs no float32 master weights: casting them once halves the bytes read per
+        # token and skips autocast's casting at every op
+        model.to(getattr(torch, dtype))
+    (use_int8_weights if int8 else use_fast_linears)(model)
+    return model, enc, checkpoint
+
 def read_meta(data_dir, tokenizer='', splits=()):
     """meta.json that prepare.py writes beside train.bin and validation.bin, checked. Without it (or the
     .bin of a split in splits), the error names the prepare.py command that makes them in `tokenizer` (a

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import stories as story_text
 from common import (atomic_output, autocast, checkpoint_path, die, get_device, get_dtype, load_model, log, open_split,
                     read_meta, set_threads)
-from generate import use_fast_linears
+from layouts import use_fast_linears, use_int8_weights
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer, get_tokenizer, token_bytes
 
 # -----------------------------------------------------------------------------
@@ -42,6 +42,7 @@ logits_chunk = 64  # positions whose logits are held at once (>= 1): vocab_size 
 json_out = ''  # also write the results as JSON to this path; a bare file name (eval.json) goes beside the checkpoint
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 autocast where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); float32 is exact
+int8 = False  # int8 weights, as sample.py's: the loss they cost
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 # stories: what the model writes, scored in readers' terms (stories.py), instead of the loss
 stories = 0  # > 0: continue the split's first `stories` stories (at most its number of stories) and score them
@@ -96,7 +97,7 @@ path = checkpoint_path(out_dir, ckpt)
 if json_out and not os.path.dirname(json_out):  # ./eval.json is the working directory's
     json_out = os.path.join(os.path.dirname(path), json_out)
 model, checkpoint = load_model(path, device)
-use_fast_linears(model)  # the CPU's faster weight layouts (generate.py)
+(use_int8_weights if int8 else use_fast_linears)(model)  # laid out for decoding, as sample.py's (layouts.py)
 tokenizer = checkpoint_tokenizer(checkpoint)
 enc = get_tokenizer(tokenizer)
 block_size = model.config.block_size

@@ -7,12 +7,10 @@ weight layouts that let a decoding step read its weights near memory speed.
 The network knows only that a cache may take over its attention (positions and attend): KVCache
 holds rows at one position, RowCache rows at their own, for Rows (requests decoded together: serve.py).
 """
-import functools
 import math
 from typing import NamedTuple
 
 import torch
-import torch.nn as nn
 from torch.nn import functional as F
 
 
@@ -42,50 +40,78 @@ class KVCache:
         keys[:, :, pos:pos + T], values[:, :, pos:pos + T] = k, v
         k, v = keys[:, :, :pos + T], values[:, :, :pos + T]
         dtype, q = q.dtype, q.to(k.dtype)  # the cache may be float32 under bf16 weights (see stream)
-        if T == 1 and q.device.type == 'cpu' and torch.compiler.is_compiling():
-            # one query in a CPU graph: inductor fuses the plain product, softmax and product into fewer
-            # passes than SDPA's kernel (compiled bf16 decoding step: ~1.25x at batch 1, ~1.45x at 8)
-            y = F.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1))), dim=-1) @ v
-        else:
-            # one new token sees every cached one; new tokens after cached ones see those and the earlier new ones
-            mask = None if T == 1 or pos == 0 else torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0)
+        # one new token sees every cached one; new tokens after cached ones see those and the earlier new ones
+        mask = None if T == 1 or pos == 0 else torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=T > 1 and pos == 0)
         return y.to(dtype)
 
 
 def decode(model, idx, layers, pos):
     """Logits (B, 1, vocab) for the token after idx (B, T), which continues at position pos the rows
-    whose keys and values layers hold (they receive idx's). Tensors and an int in, no cache object,
-    so that torch.compile takes a decoding step whole (compiled_decode)."""
+    whose keys and values layers hold (they receive idx's): the eager decoding step."""
     return model.lm_head(model.hidden_states(idx, KVCache(layers, pos))[:, -1:, :])
 
 
-def compiled_decode(model):
-    """decode compiled by torch.compile, made on first use and kept on the model. On the CPU inductor
-    freezes the weights into it as constants, which it lays out for its own matrix kernels and fuses
-    with the ops around them (bench.py on a 2-core CPU: 1.4-2.5x eager decoding at batch 1). Nothing
-    would notice frozen weights going stale, so a weight that changes afterwards (an optimizer step,
-    load_state_dict) resets torch.compile (every compiled function of the process) and compiles again."""
-    weights = [(p.data_ptr(), p._version) for p in model.parameters()]
-    made = getattr(model, 'compiled_decode', None)  # (the weights' storage and versions when compiled, the function)
-    if made is not None and made[0] == weights:
-        return made[1]
-    if made is not None:
-        torch._dynamo.reset()
-    # dynamic: one graph for every position (ints 0 and 1 still get their own)
-    compiled = step = torch.compile(lambda idx, layers, pos: decode(model, idx, layers, pos), dynamic=True, fullgraph=True)
-    if model.lm_head.weight.device.type == 'cpu':
-        # inductor picks each product's kernel by timing its own C++ one against oneDNN's, quietly.
-        # Given as torch.compile(options=...) these settings freeze the weights but leave every
-        # product to plain ATen (torch 2.13); patched around each call they also reach recompiles
-        settings = torch._inductor.config.patch(
-            freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
-            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+def next_tokens(model, token, pos, layers, u, seen, done, temperature, top_k, top_p, repetition_penalty, eos_token):
+    """One decoding step with its sampling, whole, for torch.compile to make one call of (compiled_step):
+    the rows' last tokens (B, 1) at positions pos (B,) over the keys and values in layers (each of
+    block_size positions, whatever the step: one graph serves them all), u (B, 1) the uniform draws
+    to sample with (None: greedy), seen (B, vocab) the tokens each row holds (for repetition_penalty),
+    done (B,) the rows that produced eos_token. Returns the next tokens (B, 1); pos, seen and done
+    move on in place."""
+    logits = model.lm_head(model.hidden_states(token, RowCache(layers, pos))[:, -1, :]).float()
+    if repetition_penalty != 1.0:  # as stream's: a token the row holds is penalised once, however often it came
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
+    token = sample_logits(logits, temperature, top_k, top_p, u=u)
+    if eos_token is not None:
+        token = torch.where(done[:, None], eos_token, token)
+        done |= token[:, 0] == eos_token
+    seen.scatter_(1, token, True)
+    pos += 1
+    return token
 
-        def step(*args):
-            with settings:
-                return compiled(*args)
-    model.compiled_decode = (weights, step)
+
+def compiled_for(model, fn, mode=None):
+    """fn, a decoding step of model, compiled by torch.compile, one graph per shape (dynamic=False). On
+    the CPU inductor freezes model's weights into it as constants (later changes to them go unseen),
+    which it lays out for its own matrix kernels and fuses with the ops around them, and its C++
+    wrapper calls the kernels without Python between them."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    if model.transformer.wte.weight.device.type != 'cpu':
+        return compiled
+    # inductor picks each product's kernel by timing its own C++ one against oneDNN's, quietly.
+    # Given as torch.compile(options=...) these settings freeze the weights but leave every
+    # product to plain ATen (torch 2.13); patched around each call they also reach recompiles
+    settings = torch._inductor.config.patch(
+        freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN', cpp_wrapper=True,
+        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+
+    def step(*args):
+        with settings:
+            return compiled(*args)
+    return step
+
+
+def compiled_step(model):
+    """next_tokens through compiled_for for the model's weights as they are now (the compiled code is
+    made on first use and kept on the model); on CUDA the step is one CUDA graph (mode='reduce-overhead').
+    Frozen weights would not notice a change, so the weights' storage and versions are an argument
+    the compiled code is guarded on: a weight that changes afterwards (an optimizer step,
+    load_state_dict) compiles it again."""
+    cuda = model.transformer.wte.weight.device.type == 'cuda'
+    if getattr(model, 'compiled_next_tokens', None) is None:
+        def step(weights, *args):
+            if not weights:  # read, so that torch.compile guards on it (it leaves an argument unread unguarded)
+                raise ValueError("a model without weights")
+            return next_tokens(model, *args)
+        model.compiled_next_tokens = compiled_for(model, step, mode='reduce-overhead' if cuda else None)
+    compiled, weights = model.compiled_next_tokens, ','.join(f'{p.data_ptr()}:{p._version}' for p in model.parameters())
+
+    def step(*args):
+        if cuda:  # a new replay of the graph, whose output the caller keeps past the next one
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(weights, *args).clone()
+        return compiled(weights, *args)
     return step
 
 
@@ -105,8 +131,9 @@ def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.
         raise ValueError(f"window_shift must be at most block_size={block_size}, got {window_shift}")
 
 
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick one token per row from logits (B, vocab), drawing from generator (torch's default one if None)."""
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
+    """Pick one token per row from logits (B, vocab) with u (B, 1), uniform draws in [0, 1); None draws
+    them from generator (torch's default one if None)."""
     # below float32's smallest normal number a temperature is greedy in all but name (and float32
     # rounds one below ~1e-45 to 0, which would divide 0 by 0)
     if temperature < torch.finfo(torch.float32).tiny:
@@ -131,8 +158,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry, which
     # costs more than a whole cached forward pass of a small model on the CPU
     cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    pick = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+    u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) if u is None else u
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
     return pick if ids is None else ids.gather(1, pick)
 
 
@@ -155,19 +182,19 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     cache, once it is full the oldest window_shift tokens are dropped and the rest re-read
     in one pass. window_shift=1 gives exactly the no-cache result; larger shifts re-read
     less often, at the cost of a shorter context (at least block_size - window_shift + 1)
-    for the tokens right after a shift. compile=True runs the cached steps through
-    compiled_decode: slow to start (tens of seconds on a CPU), then faster per token.
+    for the tokens right after a shift. compile=True makes each token one call of compiled_step:
+    slow to start (tens of seconds on a CPU, again for other sampling settings), then faster per token.
     """
     block_size = model.config.block_size
     check_options(temperature, top_k, top_p, repetition_penalty, window_shift, block_size)
-    use_fast_linears(model)
+    if compile and use_cache:
+        yield from compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                   eos_token, window_shift)
+        return
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     # eager on the CPU the cache stays float32 under bf16 weights: SDPA's bf16 kernel for one
-    # query runs ~6x slower than its float32 one (batch 8, 144 positions: ~440 vs ~75 us a
-    # layer); the compiled step fuses its own bf16 attention and gains from reading half the bytes
-    cache_dtype = torch.float32 if idx.device.type == 'cpu' and not compile else model.lm_head.weight.dtype
-    eager = functools.partial(decode, model)
-    compiled = compiled_decode(model) if compile and use_cache else None
+    # query runs ~6x slower than its float32 one (batch 8, 144 positions: ~440 vs ~75 us a layer)
+    cache_dtype = torch.float32 if idx.device.type == 'cpu' else model.transformer.wte.weight.dtype
     cache = None
     for _ in range(max_new_tokens):
         if not use_cache:
@@ -178,9 +205,7 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
                 cache = KVCache.empty(model.config, idx.size(0), idx.device, cache_dtype)
             else:
                 new = next_token  # idx's last column; a view of idx would get a new stride every step
-            # torch.compile would give positions 0, 1 and the last (the cache read whole) graphs of their own
-            run = compiled if compiled and 1 < cache.pos < block_size - 1 else eager
-            logits = run(new, cache.layers, cache.pos)
+            logits = decode(model, new, cache.layers, cache.pos)
             cache.pos += new.size(1)
         logits = logits[:, -1, :].float()
         if repetition_penalty != 1.0:
@@ -193,6 +218,35 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
         idx = torch.cat((idx, next_token), dim=1)
         yield next_token
         if done.all():
+            break
+
+
+def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token, window_shift):
+    """stream's tokens, each from one call of compiled_step: the Python between two tokens is a draw
+    of random numbers, the call and a copy. The prompt, and the window when it slides, are read eagerly."""
+    (B, T), block_size, device = idx.shape, model.config.block_size, idx.device
+    step = compiled_step(model)
+    tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # for re-reading the window
+    tokens[:, :T] = idx
+    # zeros: the step weighs the positions past each row's by 0, and 0 * NaN (torch.empty's garbage) is NaN
+    layers = [(k.zero_(), v.zero_()) for k, v in KVCache.empty(model.config, B, device, model.transformer.wte.weight.dtype).layers]
+    seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device).scatter_(1, idx, True)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    sampled = temperature >= torch.finfo(torch.float32).tiny  # else greedy, which draws nothing (as sample_logits)
+    n, pos = T, block_size  # tokens so far; the cached positions, here a full cache, to read the prompt
+    for _ in range(max_new_tokens):
+        if pos == block_size:  # (re)start from the last tokens: all but the newest read in one pass
+            window = tokens[:, max(0, n - (block_size if n == T else block_size - window_shift + 1)):n]
+            if window.size(1) > 1:
+                model.hidden_states(window[:, :-1], KVCache(layers))
+            pos, token = window.size(1) - 1, window[:, -1:].clone(memory_format=torch.contiguous_format)  # strides as the step's own: one graph
+            positions = torch.full((B,), pos, device=device)
+        u = torch.rand(B, 1, device=device) if sampled else None
+        token = step(token, positions, layers, u, seen, done, temperature, top_k, top_p, repetition_penalty, eos_token)
+        tokens[:, n:n + 1] = token
+        n, pos = n + 1, pos + 1
+        yield token
+        if eos_token is not None and done.all():
             break
 
 
@@ -229,19 +283,23 @@ class Row(NamedTuple):
 class Rows:
     """Rows decoded together, one batched step for all (continuous batching, as a server needs):
     each sits at its own position, with its own sampling settings and random generator, and slides
-    its own window past block_size; a row joins (add) or leaves (remove) between steps. A step always
-    decodes max_rows rows, free ones as padding, and a prompt is read alone: a row's tokens do not
-    depend on the others (in float32, the same alone as in a full batch). compile=True runs the step
-    through torch.compile. Not thread-safe."""
+    its own window past block_size; a row joins (add) or leaves (remove) between steps, and takes the
+    lowest free slot. A step decodes the slots up to the highest in use, free ones as padding, rounded
+    up to one of a few widths: powers of two, or with compile=True (torch.compile, a graph a width,
+    each slow to make) one row or max_rows. fixed_batch=True always decodes all max_rows, so that a
+    row's tokens never depend on the others (in float32 the same alone as in a full batch), where
+    otherwise the kernels for another batch size may round differently. A prompt is read alone. Not
+    thread-safe."""
 
-    def __init__(self, model, max_rows=8, window_shift=None, compile=False):
-        self.model = use_fast_linears(model)
-        # the step's shapes never change (max_rows rows, a full-length cache): one graph, compiled on the first step
-        self.logits = torch.compile(self.eager_logits, fullgraph=True) if compile else self.eager_logits
+    def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False):
+        self.model = model
+        self.logits = compiled_for(model, self.eager_logits) if compile else self.eager_logits
         self.block_size = model.config.block_size
         self.window_shift = max(1, self.block_size // 4) if window_shift is None else window_shift  # as sample.py
         check_options(window_shift=self.window_shift, block_size=self.block_size)
-        weight = model.lm_head.weight
+        self.widths = ([max_rows] if fixed_batch else [1, max_rows] if compile else
+                       sorted({min(max_rows, 1 << i) for i in range(max_rows.bit_length() + 1)}))
+        weight = model.transformer.wte.weight  # (lm_head may hold int8 weights)
         self.device = weight.device
         dtype = torch.float32 if self.device.type == 'cpu' else weight.dtype  # as stream's eager cache
         # zeros: the plain attention weighs the unfilled positions by 0, and 0 * NaN (torch.empty's garbage) is NaN
@@ -276,118 +334,31 @@ class Rows:
             self.model.hidden_states(torch.tensor([ids[:-1]], device=self.device), cache)
         self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
 
+    @torch.no_grad()
+    def warm(self):
+        """Make the step of every width (compile=True: before the first rows, which would wait for it)."""
+        for n in self.widths:
+            self.logits(torch.zeros(n, dtype=torch.long, device=self.device), torch.zeros(n, dtype=torch.long, device=self.device))
+
     def eager_logits(self, next, pos):
-        x = self.model.hidden_states(next[:, None], RowCache(self.layers, pos))
+        layers = [(k[:len(next)], v[:len(next)]) for k, v in self.layers]  # the first len(next) slots
+        x = self.model.hidden_states(next[:, None], RowCache(layers, pos))
         return self.model.lm_head(x[:, -1, :]).float()
 
     @torch.no_grad()
     def step(self):
         """One decoding step of every row: {slot: its next token}."""
-        logits = self.logits(torch.tensor(self.next, device=self.device), torch.tensor(self.pos, device=self.device))
-        picks = {slot: sample_logits(logits[slot:slot + 1], row.temperature, row.top_k, row.top_p, row.generator)
-                 for slot, row in enumerate(self.rows) if row is not None}
-        tokens = dict(zip(picks, torch.cat(list(picks.values())).flatten().tolist())) if picks else {}
+        used = [slot for slot, row in enumerate(self.rows) if row is not None]
+        if not used:
+            return {}
+        n = min(w for w in self.widths if w > used[-1])
+        logits = self.logits(torch.tensor(self.next[:n], device=self.device), torch.tensor(self.pos[:n], device=self.device))
+        picks = [sample_logits(logits[slot:slot + 1], row.temperature, row.top_k, row.top_p, row.generator)
+                 for slot, row in enumerate(self.rows) if row is not None]
+        tokens = dict(zip(used, torch.cat(picks).flatten().tolist()))
         for slot, token in tokens.items():
             self.rows[slot].tokens.append(token)
             self.pos[slot], self.next[slot] = self.pos[slot] + 1, token
             if self.pos[slot] == self.block_size:  # full: re-read the last tokens, as stream does
                 self.read(slot, self.rows[slot].tokens[-(self.block_size - self.window_shift + 1):])
         return tokens
-
-
-# ---------------------------------------------------------------------------------------------------
-# The CPU weight layouts. Decoding one token reads every weight once, and F.linear reads PyTorch's
-# (out, in) layout at a fraction of memory speed; a copy laid out for a faster kernel reads it faster.
-
-ONEDNN_X86 = torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
-ONEDNN_X86_BF16 = ONEDNN_X86 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def fast_layout(w, rows, dtype):
-    """The layout of w's inference copy for a product with `rows` rows in dtype, None for F.linear.
-    Measured on a 2-core AVX-512 CPU (bench.py --parts=sample and the products alone): oneDNN's
-    packed layout runs 1.5-3x F.linear in fp32 and bf16, but its ~15 us per call loses to MKL on
-    the transposed matrix for one row through a small fp32 matrix (under 2^18 weights), and one row
-    through a large one (the output layer) streams fastest as the transposed matrix cut into 4
-    column blocks whose products run in parallel. Without oneDNN's x86 kernels fp32 keeps the
-    transposed matrix (~3x F.linear at one row here) and bf16 F.linear."""
-    if dtype == torch.float32:
-        if not ONEDNN_X86 or rows == 1 and w.numel() < 2 ** 18:
-            return 'transposed'
-        return 'columns' if rows == 1 and w.numel() >= 2 ** 22 else 'packed'
-    return 'packed' if dtype == torch.bfloat16 and ONEDNN_X86_BF16 else None
-
-
-def lay_out(w, layout):
-    """w's inference copy in the layout fast_layout chose."""
-    if layout == 'packed':  # the batch size is only a hint to oneDNN: 8 measured as fast as 1 at batch 1
-        return torch.ops.mkldnn._reorder_linear_weight(w, 8)
-    if layout == 'transposed':
-        return w.t().contiguous()
-    out_features, in_features = w.shape
-    blocks = 4  # 2 and 8 measured slower on the output layer
-    width = -(-out_features // blocks)
-    wt = w.new_zeros(in_features, blocks * width)  # padded, so the blocks are equally wide
-    wt[:, :out_features] = w.t()
-    return wt.view(in_features, blocks, width).transpose(0, 1).contiguous()
-
-
-class LaidOut(NamedTuple):
-    source: torch.Tensor  # the weight it was made from; held, so that a new weight cannot reuse its address
-    version: int  # the weight's version then: an optimizer step or load_state_dict bumps it
-    layout: str
-    dtype: torch.dtype
-    weight: torch.Tensor  # the copy
-
-
-class FastLinear(nn.Linear):
-    """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight in fast_layout's
-    layout, made on first use in the dtype the product runs in (autocast's, else the weight's),
-    remade when the weight changes or another layout is due, and dropped by train(). Its
-    parameters, state_dict and weight tying are those of the nn.Linear it replaced."""
-    laid_out = None
-
-    def forward(self, x):
-        w = self.weight
-        # under torch.compile the compiler lays the weights out itself (and the checks below would break its graph)
-        if self.training or torch.is_grad_enabled() or w.device.type != 'cpu' or torch.compiler.is_compiling():
-            return F.linear(x, w, self.bias)
-        dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else w.dtype
-        layout = fast_layout(w, x.numel() // x.size(-1), dtype)
-        if layout is None:
-            return F.linear(x, w, self.bias)
-        copy = self.laid_out
-        if (copy is None or copy.source.data_ptr() != w.data_ptr() or copy.version != w._version
-                or (copy.layout, copy.dtype) != (layout, dtype)):
-            copy = self.laid_out = LaidOut(w.detach(), w._version, layout, dtype, lay_out(w.detach().to(dtype), layout))
-        x, bias = x.to(dtype), None if self.bias is None else self.bias.to(dtype)
-        if layout == 'packed':
-            return torch.ops.mkldnn._linear_pointwise(x, copy.weight, bias, 'none', [], '')
-        x2 = x.reshape(-1, x.size(-1))
-        if layout == 'transposed':
-            y = x2 @ copy.weight if bias is None else torch.addmm(bias, x2, copy.weight)
-        else:  # 'columns': one matmul per column block, run in parallel as a batch
-            blocks = copy.weight
-            y = torch.bmm(x2.expand(len(blocks), -1, -1), blocks).transpose(0, 1).reshape(len(x2), -1)[:, :len(w)]
-            y = y if bias is None else y + bias
-        return y.view(*x.shape[:-1], -1)
-
-    def train(self, mode=True):
-        self.laid_out = None
-        return super().train(mode)
-
-
-def use_fast_linears(model):
-    """Swap every nn.Linear of a model on the CPU for a FastLinear holding the same parameters (tied
-    weights stay tied; state_dict is unchanged). Done once; nothing to do on other devices."""
-    if next(model.parameters()).device.type != 'cpu':
-        return model
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is nn.Linear:
-                with torch.device('meta'):  # no memory for weights that are replaced at once
-                    fast = FastLinear(child.in_features, child.out_features, bias=child.bias is not None)
-                fast.weight, fast.bias = child.weight, child.bias
-                fast.train(child.training)
-                setattr(module, name, fast)
-    return model

@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import stories as story_text
-from common import checkpoint_path, die, get_device, get_dtype, load_model, log, open_split, read_meta, set_threads
+from common import checkpoint_path, die, get_device, get_dtype, load_for_generation, log, open_split, read_meta, set_threads
 
 # -----------------------------------------------------------------------------
 out_dirs = 'out-cpu'  # the checkpoints to rate, comma-separated: out_dirs (their ckpt) or paths of .pt files
@@ -108,7 +108,7 @@ def print_report(con):
 
 def write_stories(con, paths):
     """Write, once, every checkpoint's continuation of each opening into db (one transaction each)."""
-    from tokenizer import checkpoint_tokenizer, data_tokenizer, get_tokenizer
+    from tokenizer import data_tokenizer, get_tokenizer
     import torch
     have = {row[0] for row in con.execute('select distinct checkpoint from stories')}
     todo = [p for p in paths if p not in have]
@@ -119,8 +119,7 @@ def write_stories(con, paths):
     # a checkpoint added to a db that has stories continues the openings already there
     starts = [row[0] for row in con.execute('select start from stories group by opening order by opening')] or None
     for path in todo:
-        model, checkpoint = load_model(path, dev)
-        enc = get_tokenizer(checkpoint_tokenizer(checkpoint))
+        model, enc, checkpoint = load_for_generation(path, dev, dt)
         if starts is None:  # the openings, from the first checkpoint's data unless data_dir is given
             data = data_dir or (checkpoint.get('config') or {}).get('data_dir')
             if not data:
@@ -131,8 +130,6 @@ def write_stories(con, paths):
             starts = [story_text.opening(data_enc.decode(d), data_enc, opening_tokens)[0] for d in docs[:stories]]
             if not starts:
                 die(f"{data}/validation.bin holds no stories")
-        if dt != 'float32':
-            model.to(getattr(torch, dt))  # as sample.py, which says why
         t0 = time.time()
         written = story_text.continue_stories(model, enc, starts, max_new_tokens, temperature, top_k, top_p, seed)
         with con:

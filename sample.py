@@ -13,10 +13,9 @@ import time
 
 import torch
 
-from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log,
-                    set_threads)
+from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_for_generation,
+                    log, set_threads)
 from generate import check_options, generate, stream
-from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-cpu'  # where train.py saved its checkpoints: config/cpu.py's, the README's first run
@@ -33,7 +32,8 @@ window_shift: int | None = None  # past block_size, forget this many oldest toke
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
-compile = False  # torch.compile the decoding step (generate.compiled_decode): 15-50 s to start on a 2-core CPU, then 1.2-4.5x the tokens/s
+compile = False  # torch.compile the decoding step with its sampling (generate.compiled_step): 15-50 s to start on a 2-core CPU, then 1.2-4.5x the tokens/s
+int8 = False  # int8 weights (one scale per output): half bf16's bytes a token, for models large enough that reading weights bounds it; a little less exact
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 # -----------------------------------------------------------------------------
 
@@ -82,11 +82,8 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
         check_compiler(device_type)
 
     path = checkpoint_path(out_dir, ckpt)
-    model, checkpoint = load_model(path, device)
-    enc = get_tokenizer(checkpoint_tokenizer(checkpoint))
+    model, enc, _ = load_for_generation(path, device, dtype, int8)
     block_size = model.config.block_size
-    if model.config.vocab_size < enc.n_vocab:
-        die(f"{path} has vocab_size={model.config.vocab_size}, too small for its tokenizer {enc.name} ({enc.n_vocab})")
     if window_shift is None:
         # re-reading the window at every token past block_size (window_shift=1) is 3x slower than
         # cached steps; every block_size // 4 tokens it adds ~5%, and the context stays >= 3/4 of it
@@ -95,11 +92,6 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
         check_options(window_shift=window_shift, block_size=block_size)
     except ValueError as e:
         die(str(e))
-    if dtype != 'float32':
-        # generation needs no float32 master weights: casting them once halves the bytes read per
-        # token and skips autocast's casting at every op (measured on a CPU with native bf16,
-        # config/small.py, one story: 9.6 ms/token float32, 4.7 with autocast, 4.3 cast)
-        model.to(getattr(torch, dtype))
 
     # every story in train.bin follows an <|endoftext|>: it tells the model a new story begins
     ids = [enc.eot_token] + enc.encode(start, allowed_special='all')
@@ -112,7 +104,7 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
 
     if compile:  # before the clock starts: the speed logged below is the stories'
         t0 = time.time()
-        generate(model, x, 3, temperature=0, compile=True)
+        generate(model, x, 3, **options)  # the same settings: the compiled step is made for them
         log(f"compiled the decoding step in {time.time() - t0:.0f} s")
     torch.manual_seed(seed)
     t0 = time.time()

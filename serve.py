@@ -16,7 +16,6 @@ import signal
 import time
 import uuid
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,11 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from batching import Batcher
-from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_model, log,
-                    set_threads)
+from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_for_generation,
+                    log, set_threads)
 from generate import Rows, check_options
 from serve_limits import connection, open_files, out_of_files
-from tokenizer import checkpoint_tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-cpu'  # where train.py saved its checkpoints
@@ -47,9 +45,11 @@ max_prompt_chars = 20000  # longer prompts get 400 (the model sees only the last
 max_body_bytes = 1_000_000  # larger request bodies get 413 (20,000 characters, JSON-escaped, are at most 240 kB)
 max_connections = 512  # connections open at once (idle, sending or served); more are closed at once; at most ulimit -n allows
 request_timeout = 20.0  # seconds a connection has to send a whole request, head and body; slower ones are closed
+int8 = False  # as sample.py: int8 weights, for models large enough that reading weights bounds a step
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
 compile = False  # torch.compile the batched decoding step: slower to start (tens of seconds on a CPU), then faster steps
+fixed_batch = False  # decode all max_batch rows every step: a request's text (float32) never depends on the others in flight, at a slower step with few
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 if not ckpt:
@@ -79,19 +79,14 @@ if compile:
     check_compiler(device.split(':')[0])
 
 path = checkpoint_path(out_dir, ckpt)
-model, checkpoint = load_model(path, device)
-enc = get_tokenizer(checkpoint_tokenizer(checkpoint))
-if model.config.vocab_size < enc.n_vocab:
-    die(f"{path} has vocab_size={model.config.vocab_size}, too small for its tokenizer {enc.name} ({enc.n_vocab})")
-if dtype != 'float32':
-    model.to(getattr(torch, dtype))  # as sample.py, which says why
+model, enc, _ = load_for_generation(path, device, dtype, int8)
 try:
-    rows = Rows(model, max_rows=max_batch, window_shift=window_shift, compile=compile)  # None: block_size // 4
+    rows = Rows(model, max_rows=max_batch, window_shift=window_shift, compile=compile, fixed_batch=fixed_batch)
 except ValueError as e:
     die(str(e))
 if compile:  # before the first request, which would otherwise wait for it
     t0 = time.time()
-    rows.step()
+    rows.warm()
     log(f"compiled the decoding step in {time.time() - t0:.0f} s")
 # the model's id in the API: the out_dir's name (out-cpu), or the checkpoint file's
 model_name = os.path.basename(os.path.abspath(out_dir) if ckpt in ('best', 'last') else os.path.splitext(path)[0])

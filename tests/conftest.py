@@ -183,3 +183,22 @@ def trained(data, tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp('trained') / 'out')
     train(data, out_dir, '--max_iters=30', '--eval_interval=10', '--lr_decay_iters=30', '--dropout=0.1')
     return out_dir
+
+
+# ---------------------------------------------------------------------------- a tiny model, for generation's tests
+
+def tiny(seed=0):
+    """A 2-layer GPT of 97 tokens and a 16-token window, in eval mode."""
+    import torch
+    from model import GPT, GPTConfig
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def train_step(model, idx):
+    """One SGD step that changes every weight in place, as an optimizer does."""
+    import torch
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    optimizer.step()

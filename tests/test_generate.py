@@ -3,93 +3,18 @@ import asyncio
 import pytest
 import torch
 
-import generate as gen
 from batching import Batcher
-from generate import FastLinear, KVCache, Rows, fast_layout, generate, sample_logits, stream, use_fast_linears
+from conftest import tiny, train_step
+from generate import KVCache, Rows, generate, sample_logits, stream
+from layouts import use_fast_linears
 from model import GPT, GPTConfig
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32)).eval()
-
-
-def fast_logits(model, idx):
-    """Logits of every position from a cached decode, one token per step (the fast path)."""
-    use_fast_linears(model)
-    cache = KVCache.empty(model.config, idx.size(0), idx.device, model.lm_head.weight.dtype)
-    logits = []
-    with torch.no_grad():
-        for t in range(idx.size(1)):
-            logits.append(gen.decode(model, idx[:, t:t + 1], cache.layers, cache.pos))
-            cache.pos += 1
-    return torch.cat(logits, dim=1)
-
-
-def plain_logits(model, idx):
-    """Logits of every position through F.linear: with gradients on, the fast path stays off."""
-    with torch.enable_grad():
-        return model(idx, targets=torch.zeros_like(idx))[0].detach()
-
-
-def train_step(model, idx):
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    _, loss = model(idx, targets=idx)
-    loss.backward()
-    optimizer.step()
-
-
-def test_fast_path_is_taken_and_agrees_with_f_linear():
-    model, idx = tiny(), torch.randint(97, (3, 10))
-    fast = fast_logits(model, idx)
-    assert all(m.laid_out is not None for m in model.modules() if isinstance(m, FastLinear))
-    torch.testing.assert_close(fast, plain_logits(model, idx))
-
-
-@pytest.mark.parametrize('mode', ['train', 'eval'])
-def test_fast_path_follows_an_optimizer_step(mode):
-    model, idx = tiny(), torch.randint(97, (2, 10))
-    before = fast_logits(model, idx)
-    if mode == 'train':
-        model.train()
-    train_step(model, idx)  # in eval mode (dropout 0) no train() call drops the copies
-    if mode == 'train':
-        model.eval()
-    after = fast_logits(model, idx)
-    assert not torch.allclose(before, after, atol=1e-3)
-    torch.testing.assert_close(after, plain_logits(model, idx))
-
-
-def test_fast_path_follows_load_state_dict():
-    model, other, idx = tiny(0), tiny(1), torch.randint(97, (2, 10))
-    fast_logits(model, idx)
-    model.load_state_dict(other.state_dict())
-    torch.testing.assert_close(fast_logits(model, idx), plain_logits(other, idx))
-
-
-def test_copies_stay_out_of_the_state_dict_and_go_with_train():
-    model, idx = tiny(), torch.randint(97, (1, 4))
-    names = list(model.state_dict())
-    fast_logits(model, idx)
-    assert list(model.state_dict()) == names
-    assert model.lm_head.weight is model.transformer.wte.weight
-    model.train()
-    assert all(m.laid_out is None for m in model.modules() if isinstance(m, FastLinear))
-
-
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
-def test_bf16_fast_path_agrees_with_f_linear():
-    model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
-    fast = fast_logits(model, idx)
-    assert model.lm_head.laid_out[2:4] == ('packed', torch.bfloat16)
-    torch.testing.assert_close(fast, plain_logits(model, idx), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize('onednn', [True, False])
 def test_eager_cpu_cache_is_float32_under_bf16_weights_and_the_activations_stay_bf16(monkeypatch, onednn):
-    model, idx = tiny().to(torch.bfloat16), torch.randint(97, (2, 10))
+    model, idx = use_fast_linears(tiny().to(torch.bfloat16)), torch.randint(97, (2, 10))
     if not onednn:  # F.linear throughout, as on a CPU without oneDNN's bf16 kernels
-        monkeypatch.setattr('generate.fast_layout', lambda w, rows, dtype: None)
+        monkeypatch.setattr('layouts.fast_layout', lambda w, rows, dtype: None)
     dtypes = []
     empty = KVCache.empty
     monkeypatch.setattr(KVCache, 'empty', lambda *args: dtypes.append(args[-1]) or empty(*args))
@@ -100,30 +25,6 @@ def test_eager_cpu_cache_is_float32_under_bf16_weights_and_the_activations_stay_
         assert model.hidden_states(idx[:, :-1], cache).dtype == torch.bfloat16  # prefill
         cache.pos = idx.size(1) - 1
         assert model.hidden_states(idx[:, -1:], cache).dtype == torch.bfloat16  # one cached step
-
-
-@pytest.mark.parametrize('width, shape, layout', [(8192, (1, 1), 'columns'), (8192, (3, 5), 'packed'),
-                                                 (64, (1, 1), 'transposed')])
-def test_each_fp32_layout_agrees_with_f_linear(width, shape, layout):
-    torch.manual_seed(0)
-    layer = FastLinear(512, width).eval()  # 2**22 weights: one row takes the column blocks; 2**15: the transposed copy
-    if fast_layout(layer.weight, shape[0] * shape[1], torch.float32) != layout:
-        pytest.skip(f"this CPU has no {layout} layout (no oneDNN x86 kernels)")
-    x = torch.randn(*shape, 512)
-    with torch.no_grad():
-        y = layer(x)
-    assert layer.laid_out[2:4] == (layout, torch.float32)
-    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
-
-
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
-def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
-    torch.manual_seed(0)
-    layer, x = FastLinear(64, 96).eval(), torch.randn(4, 64)
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        y, ref = layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias)
-    assert y.dtype == ref.dtype == torch.bfloat16 and layer.laid_out[2:4] == ('packed', torch.bfloat16)
-    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize('options', [{}, dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)])
@@ -140,16 +41,6 @@ def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(optio
             model.eval()
         full = generate(model, idx, 20, temperature=0, use_cache=False)
         assert torch.equal(generate(model, idx, 20, temperature=0, compile=True), full)
-
-
-def test_swapped_layers_keep_the_parameters_state_dict_and_tying():
-    model = tiny()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    params = list(model.parameters())
-    use_fast_linears(model)
-    assert all(type(m) is not torch.nn.Linear for m in model.modules())
-    assert list(model.parameters()) == params and model.lm_head.weight is model.transformer.wte.weight
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and list(before) == list(model.state_dict())
 
 
 @pytest.mark.parametrize('prompt_len', [5, 16, 23])
@@ -262,7 +153,8 @@ PROMPTS = [[1, 2, 3], [5], list(range(10, 30)), [7, 8], [40] * 15, [3, 1], [90, 
 
 def decode_rows(model, which, steps=30, **options):
     """Each prompt of PROMPTS named in which (a list of lists: the groups that join together, one after another), its tokens."""
-    rows = Rows(model, max_rows=8, window_shift=options.pop('window_shift', 4), compile=options.pop('compile', False))
+    rows = Rows(model, max_rows=8, window_shift=options.pop('window_shift', 4), compile=options.pop('compile', False),
+                fixed_batch=options.pop('fixed_batch', True))
     out = {}
     for group in which:
         slots = {rows.add(PROMPTS[i], seed=i, **options): i for i in group}
@@ -284,6 +176,27 @@ def test_a_rows_tokens_are_the_same_alone_or_among_eight(options, sampling):
     alone = decode_rows(model, [[i] for i in range(8)], **sampling)
     assert decode_rows(model, [list(range(8))], **sampling) == alone
     assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], **sampling) == alone  # others join in other slots
+
+
+def test_a_step_decodes_the_slots_in_use_rounded_up_to_a_power_of_two():
+    model = tiny()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # sharp logits: no near-ties that other kernels' rounding could break
+    rows = Rows(model, max_rows=8)
+    seen = []
+    eager_logits = rows.logits
+    rows.logits = lambda next, pos: seen.append(len(next)) or eager_logits(next, pos)
+    for slot in range(6):
+        rows.add(PROMPTS[slot], temperature=0)
+    for leaving, width in ((5, 8), (4, 4), (2, 4), (3, 2), (1, 1)):
+        rows.remove(leaving)
+        rows.step()
+        assert seen[-1] == width
+    rows.remove(0)
+    assert rows.step() == {} and len(seen) == 5
+    # the kernels for a batch of 1, 2 or 4 rows write the same tokens as the whole batch's here
+    fixed = decode_rows(model, [[i] for i in range(8)], temperature=0)
+    assert decode_rows(model, [[i] for i in range(8)], temperature=0, fixed_batch=False) == fixed
 
 
 def test_rows_decode_as_full_recompute_with_window_shift_1():

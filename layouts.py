@@ -1,0 +1,138 @@
+"""
+Weights laid out for decoding, swapped into a model once it is loaded for generation (sample.py,
+serve.py, eval.py: common.load_for_generation). Decoding one token reads every weight once:
+  use_fast_linears(model)  # CPU: each nn.Linear multiplies by a copy of its weight in a faster layout
+  use_int8_weights(model)  # any device: each nn.Linear holds int8 weights, one byte a weight read
+Neither changes the model's parameters, state_dict or weight tying; int8 changes the model's outputs
+a little (eval.py --int8=True gives its loss), and such a model is for inference only.
+"""
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# F.linear reads PyTorch's (out, in) layout at a fraction of memory speed; a copy laid out for a
+# faster kernel reads it faster.
+
+ONEDNN_X86 = torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
+ONEDNN_X86_BF16 = ONEDNN_X86 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def fast_layout(w, rows, dtype):
+    """The layout of w's inference copy for a product with `rows` rows in dtype, None for F.linear.
+    Measured on a 2-core AVX-512 CPU (bench.py --parts=sample and the products alone): oneDNN's
+    packed layout runs 1.5-3x F.linear in fp32 and bf16, but its ~15 us per call loses to MKL on
+    the transposed matrix for one row through a small fp32 matrix (under 2^18 weights), and one row
+    through a large one (the output layer) streams fastest as the transposed matrix cut into 4
+    column blocks whose products run in parallel. Without oneDNN's x86 kernels fp32 keeps the
+    transposed matrix (~3x F.linear at one row here) and bf16 F.linear."""
+    if dtype == torch.float32:
+        if not ONEDNN_X86 or rows == 1 and w.numel() < 2 ** 18:
+            return 'transposed'
+        return 'columns' if rows == 1 and w.numel() >= 2 ** 22 else 'packed'
+    return 'packed' if dtype == torch.bfloat16 and ONEDNN_X86_BF16 else None
+
+
+def lay_out(w, layout):
+    """w's inference copy in the layout fast_layout chose."""
+    if layout == 'packed':  # the batch size is only a hint to oneDNN: 8 measured as fast as 1 at batch 1
+        return torch.ops.mkldnn._reorder_linear_weight(w, 8)
+    if layout == 'transposed':
+        return w.t().contiguous()
+    out_features, in_features = w.shape
+    blocks = 4  # 2 and 8 measured slower on the output layer
+    width = -(-out_features // blocks)
+    wt = w.new_zeros(in_features, blocks * width)  # padded, so the blocks are equally wide
+    wt[:, :out_features] = w.t()
+    return wt.view(in_features, blocks, width).transpose(0, 1).contiguous()
+
+
+class LaidOut(NamedTuple):
+    source: torch.Tensor  # the weight it was made from; held, so that a new weight cannot reuse its address
+    version: int  # the weight's version then: an optimizer step or load_state_dict bumps it
+    layout: str
+    dtype: torch.dtype
+    weight: torch.Tensor  # the copy
+
+
+class FastLinear(nn.Linear):
+    """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight in fast_layout's
+    layout, made on first use in the dtype the product runs in (autocast's, else the weight's),
+    remade when the weight changes or another layout is due, and dropped by train(). Its
+    parameters, state_dict and weight tying are those of the nn.Linear it replaced."""
+    laid_out = None
+
+    def forward(self, x):
+        w = self.weight
+        # under torch.compile the compiler lays the weights out itself (and the checks below would break its graph)
+        if self.training or torch.is_grad_enabled() or w.device.type != 'cpu' or torch.compiler.is_compiling():
+            return F.linear(x, w, self.bias)
+        dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else w.dtype
+        layout = fast_layout(w, x.numel() // x.size(-1), dtype)
+        if layout is None:
+            return F.linear(x, w, self.bias)
+        copy = self.laid_out
+        if (copy is None or copy.source.data_ptr() != w.data_ptr() or copy.version != w._version
+                or (copy.layout, copy.dtype) != (layout, dtype)):
+            copy = self.laid_out = LaidOut(w.detach(), w._version, layout, dtype, lay_out(w.detach().to(dtype), layout))
+        x, bias = x.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        if layout == 'packed':
+            return torch.ops.mkldnn._linear_pointwise(x, copy.weight, bias, 'none', [], '')
+        x2 = x.reshape(-1, x.size(-1))
+        if layout == 'transposed':
+            y = x2 @ copy.weight if bias is None else torch.addmm(bias, x2, copy.weight)
+        else:  # 'columns': one matmul per column block, run in parallel as a batch
+            blocks = copy.weight
+            y = torch.bmm(x2.expand(len(blocks), -1, -1), blocks).transpose(0, 1).reshape(len(x2), -1)[:, :len(w)]
+            y = y if bias is None else y + bias
+        return y.view(*x.shape[:-1], -1)
+
+    def train(self, mode=True):
+        self.laid_out = None
+        return super().train(mode)
+
+
+def use_fast_linears(model):
+    """Swap every nn.Linear of a model on the CPU for a FastLinear holding the same parameters (tied
+    weights stay tied; state_dict is unchanged). Done once; nothing to do on other devices."""
+    if next(model.parameters()).device.type != 'cpu':
+        return model
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is nn.Linear:
+                with torch.device('meta'):  # no memory for weights that are replaced at once
+                    fast = FastLinear(child.in_features, child.out_features, bias=child.bias is not None)
+                fast.weight, fast.bias = child.weight, child.bias
+                fast.train(child.training)
+                setattr(module, name, fast)
+    return model
+
+
+class Int8Linear(nn.Module):
+    """An nn.Linear's weight rounded to int8 with one float scale per output (weight-only: the
+    activations keep their dtype), multiplied by torch's own int8 kernel (_weight_int8pack_mm, which
+    torch.compile's C++ GEMM template also takes on the CPU). Half bf16's bytes a weight: it pays
+    where reading the weights bounds a token (config/small.py and larger), with bf16 activations."""
+
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer('weight', torch.round(w / scales[:, None]).to(torch.int8))
+        self.register_buffer('scales', scales.to(linear.weight.dtype))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scales.to(x.dtype))
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def use_int8_weights(model):
+    """Swap every nn.Linear (FastLinear) of a model for an Int8Linear of its weight; for inference only."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model
