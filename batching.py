@@ -11,10 +11,11 @@ jobs and reads their tokens back as text.
   batcher.stop()
 """
 import asyncio
-import codecs
 import threading
 import time
 from collections import deque
+
+from tokenizer import TextDecoder
 
 
 class Job:
@@ -137,8 +138,7 @@ class Batcher:
         """Yield (text, None) as job's completion is written, then (its last text, finish_reason). Text that
         may begin a stop string is held back until it cannot; a stop string and what follows are cut.
         Counts the tokens read in job.used."""
-        enc = self.enc
-        decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')  # a token may end inside a character
+        decoder = TextDecoder(self.enc, eot_text=False)
         hold = max(map(len, stop), default=1) - 1
         held, reason, job.used, last = '', None, 0, None
         while reason is None:
@@ -150,14 +150,12 @@ class Batcher:
                     raise item
                 if isinstance(item, str):
                     reason = item
-                    new += decoder.decode(b'', final=True)
+                    new += decoder.end()
                     break
                 now = time.perf_counter()
                 self.on_token(now - (job.began if last is None else last), last is None)
                 job.used, last = job.used + 1, now
-                # <|endoftext|> and ids past the tokenizer's (a vocabulary padded for speed) have no text
-                known = item < enc.n_vocab and item != enc.eot_token
-                new += decoder.decode(enc.decode_single_token_bytes(item) if known else b'')
+                new += decoder.add(item)
             held += new
             cut = min((i for i in map(held.find, stop) if i >= 0), default=-1)
             if cut >= 0:

@@ -27,7 +27,7 @@ from layouts import use_fast_linears
 from model import GPT, GPTConfig
 
 config_file = 'config/small.py'  # model shape (n_layer, n_head, n_embd, block_size, bias) comes from here
-parts = 'train,sample,prepare'  # which measurements to run: memory, train, step, attention, sample, prepare, serve, peer
+parts = 'train,sample,prepare'  # which measurements to run: memory, train, step, attention, sample, prepare, serve, peer (sample.py and serve.py against llama.cpp)
 batch_size = 8  # training micro-batch (sequences of block_size tokens); step and attention take the config's
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
@@ -247,64 +247,81 @@ if 'prepare' in parts:
     rows.append(('prepare', 'prepare.tokenize_batch', f"{len(docs)} docs", f"{n_tokens / fast_dt:,.0f}",
                  f"{seed_dt / fast_dt:.1f}x the seed"))
 
-if 'serve' in parts:  # serve.py in a process of its own, its clients here, all on 127.0.0.1
-    import itertools
-    import socket
+def stream_one(url, results):
+    """One streaming completion from an OpenAI-style server: (start, first text, end, tokens) go to results."""
+    import urllib.request
+    body = json.dumps({'prompt': 'Once upon a time', 'max_tokens': serve_tokens, 'stream': True,
+                       'stream_options': {'include_usage': True}}).encode()
+    request = urllib.request.Request(url + '/v1/completions', body, {'Content-Type': 'application/json'})
+    t0, first, tokens, chunks = time.perf_counter(), None, 0, 0
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:
+            if not line.startswith(b'data: {'):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get('usage'):
+                tokens = chunk['usage']['completion_tokens']
+            elif chunk.get('choices') and chunk['choices'][0].get('text'):
+                first, chunks = first or time.perf_counter(), chunks + 1
+    results.append((t0, first or time.perf_counter(), time.perf_counter(), tokens or chunks))
+
+
+def server_load(command, port):
+    """Start a server (command, listening on 127.0.0.1:port), then each count of serve_clients streaming
+    at once, one request each: {clients: (tokens/s, time to first token p50 and p95, ms/token p50)}."""
     import threading
     import urllib.request
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, out = f'http://127.0.0.1:{port}', {}
+    try:
+        for _ in range(3000):  # loading the model, and compiling its step: up to 5 minutes
+            try:
+                urllib.request.urlopen(url + '/health', timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        for n in (int(c) for c in serve_clients.split(',')):
+            results = []
+            clients = [threading.Thread(target=stream_one, args=(url, results)) for _ in range(n)]
+            for c in clients:
+                c.start()
+            for c in clients:
+                c.join()
+            ttft = sorted(r[1] - r[0] for r in results)
+            out[n] = (sum(r[3] for r in results) / (max(r[2] for r in results) - min(r[0] for r in results)),
+                      ttft[len(ttft) // 2], ttft[int(0.95 * (n - 1))],
+                      statistics.median((r[2] - r[1]) / max(1, r[3] - 1) for r in results))
+    finally:
+        server.terminate()
+        server.wait(60)
+    return out
 
-    def stream_one(url, results):
-        """One streaming completion: (start, first text, end, tokens) go to results."""
-        body = json.dumps({'prompt': 'Once upon a time', 'max_tokens': serve_tokens, 'stream': True,
-                           'stream_options': {'include_usage': True}}).encode()
-        request = urllib.request.Request(url + '/v1/completions', body, {'Content-Type': 'application/json'})
-        t0, first, tokens = time.perf_counter(), None, 0
-        with urllib.request.urlopen(request, timeout=600) as response:
-            for line in response:
-                if not line.startswith(b'data: {'):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get('usage'):
-                    tokens = chunk['usage']['completion_tokens']
-                elif first is None and chunk['choices'][0]['text']:
-                    first = time.perf_counter()
-        results.append((t0, first or time.perf_counter(), time.perf_counter(), tokens))
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def serve_py(out_dir, use_compile, dtype='auto'):
+    """serve.py's command line for out_dir on a free port, and the port."""
+    port = free_port()
+    return [sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}', f'--device={device}', f'--dtype={dtype}',
+            f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}',
+            f'--compile={use_compile}', f'--threads={threads}'], port
+
+
+if 'serve' in parts:  # serve.py in a process of its own, its clients here, all on 127.0.0.1
+    import itertools
 
     def serve_load(out_dir, label, use_compile):
-        with socket.socket() as s:  # a free port
-            s.bind(('127.0.0.1', 0))
-            port = s.getsockname()[1]
-        server = subprocess.Popen([sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}', f'--device={device}',
-                                   f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}',
-                                   f'--compile={use_compile}', f'--threads={threads}'],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url, one = f'http://127.0.0.1:{port}', None
-        try:
-            for _ in range(3000):  # loading the model, and compiling its step: up to 5 minutes
-                try:
-                    urllib.request.urlopen(url + '/health', timeout=1).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
-            for n in (int(c) for c in serve_clients.split(',')):
-                results = []
-                clients = [threading.Thread(target=stream_one, args=(url, results)) for _ in range(n)]
-                for c in clients:
-                    c.start()
-                for c in clients:
-                    c.join()
-                speed = sum(r[3] for r in results) / (max(r[2] for r in results) - min(r[0] for r in results))
-                one = one or speed
-                ttft = sorted(r[1] - r[0] for r in results)
-                per_token = statistics.median((r[2] - r[1]) / max(1, r[3] - 1) for r in results)
-                rows.append(('serve', f"{label}{', compiled' * use_compile}, {n} streaming client{'s' * (n > 1)}",
-                             f"max_batch {serve_batch}",
-                             f"{speed:,.0f}", f"{speed / one:.1f}x one client; time to first token p50 "
-                             f"{ttft[len(ttft) // 2] * 1e3:,.0f} ms, p95 {ttft[int(0.95 * (n - 1))] * 1e3:,.0f} ms; "
-                             f"{per_token * 1e3:.1f} ms/token"))
-        finally:
-            server.terminate()
-            server.wait(60)
+        speeds = server_load(*serve_py(out_dir, use_compile))
+        one = speeds[min(speeds)][0]
+        for n, (speed, p50, p95, per_token) in speeds.items():
+            rows.append(('serve', f"{label}{', compiled' * use_compile}, {n} streaming client{'s' * (n > 1)}",
+                         f"max_batch {serve_batch}", f"{speed:,.0f}", f"{speed / one:.1f}x one client; time to first "
+                         f"token p50 {p50 * 1e3:,.0f} ms, p95 {p95 * 1e3:,.0f} ms; {per_token * 1e3:.1f} ms/token"))
 
     for name, use_compile in itertools.product(serve_models.split(','), [False, True] if compile or (compile is None and device_type == 'cuda') else [False]):
         if name != 'config':
@@ -363,10 +380,27 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
                                  f"batch {b}", spread(speeds[way]),
                                  f"{statistics.median(speeds[way]) / peer:.2f}x llama.cpp's {spread(speeds['llama.cpp'])}; "
                                  f"{peer_tokens} new tokens, {peer_rounds} round{'s' * (peer_rounds > 1)}, {n_threads} threads"))
+            # the servers: llama-server with as many slots as serve.py's rows, each client streaming serve_tokens
+            speeds = {'llama-server': [], 'eager': [], 'compiled': []}
+            for _ in range(peer_rounds):
+                port = free_port()
+                speeds['llama-server'].append(server_load(
+                    [os.path.join(tools, 'llama-server'), '-m', path, '-t', n_threads, '-np', str(serve_batch),
+                     '-c', str(serve_batch * (serve_tokens + 16)), '--port', str(port), '--host', '127.0.0.1'], port))
+                for way in ('eager', 'compiled') if compile else ('eager',):
+                    speeds[way].append(server_load(*serve_py(peer_model, way == 'compiled', dtype)))
+            for n in (int(c) for c in serve_clients.split(',')):
+                peer = [r[n][0] for r in speeds['llama-server']]
+                for way in ('eager', 'compiled') if compile else ('eager',):
+                    ours_n = [r[n][0] for r in speeds[way]]
+                    rows.append(('peer', f"{dtype} serve.py {way} against llama-server, {peer_model}",
+                                 f"{n} client{'s' * (n > 1)}", spread(ours_n),
+                                 f"{statistics.median(ours_n) / statistics.median(peer):.2f}x llama-server's {spread(peer)}; "
+                                 f"{serve_tokens} tokens each, {peer_rounds} round{'s' * (peer_rounds > 1)}, {n_threads} threads"))
 
 name = torch.cuda.get_device_name() if device_type == 'cuda' else \
     f"{device}, {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}"
 print(f"torch {torch.__version__}, {name}, model {model_args}")
-print(f"| what | setting | batch | tokens/s | notes |\n|---|---|---|---|---|")
+print("| what | setting | batch | tokens/s | notes |\n|---|---|---|---|---|")
 for row in rows:
     print('| ' + ' | '.join(row) + ' |')

@@ -203,6 +203,8 @@ def load_checkpoint(path, device='cpu'):
 
 def checkpoint_path(out_dir, ckpt):
     """ckpt is 'best' or 'last' (out_dir/best.pt, out_dir/last.pt), or the path of a checkpoint."""
+    if not ckpt:
+        die("ckpt must be best, last or the path of a checkpoint")
     return os.path.join(out_dir, f'{ckpt}.pt') if ckpt in ('best', 'last') else ckpt
 
 
@@ -219,10 +221,11 @@ def load_model(path, device='cpu'):
 
 
 
-def load_for_generation(path, device, dtype, int8=False):
+def load_for_generation(path, device='cpu', dtype='float32', int8=False):
     """A train.py checkpoint's model made ready to generate with, its tokenizer and the checkpoint:
     the weights cast to dtype, then laid out for decoding (layouts.py): int8, or the CPU's faster
-    layouts. sample.py, serve.py and rate.py load through it."""
+    layouts (which leave the parameters and state_dict as they are). sample.py, serve.py, rate.py
+    and export.py load through it."""
     import torch
     from layouts import use_fast_linears, use_int8_weights
     from tokenizer import checkpoint_tokenizer, get_tokenizer

@@ -64,8 +64,6 @@ judge_key_env = 'OPENAI_API_KEY'  # the environment variable holding the judge's
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # every setting's range, checked before the slow part, loading the model
-if not ckpt:
-    die("ckpt must be best, last or the path of a checkpoint")
 if split not in ('train', 'validation'):
     die(f"split must be train or validation, the splits prepare.py writes, got {split!r}")
 if max_tokens < 0:

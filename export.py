@@ -21,8 +21,8 @@ import shutil
 
 import numpy as np
 
-from common import checkpoint_path, die, load_model, lock_folder, log, open_split, read_meta
-from tokenizer import checkpoint_tokenizer, get_tokenizer, token_bytes
+from common import checkpoint_path, die, load_for_generation, lock_folder, log, open_split, read_meta
+from tokenizer import checkpoint_tokenizer, token_bytes
 from hf import architecture, save_gpt2, save_llama, save_tokenizer
 from gguf_file import TYPES, write_gguf
 
@@ -188,14 +188,11 @@ if __name__ == '__main__':
     if os.path.abspath(path) == os.path.abspath(target) or os.path.abspath(path).startswith(os.path.join(os.path.abspath(target), '')):
         die(f"{setting} {target} {'is' if to_gguf else 'holds'} the checkpoint {path}, which replacing it would delete: "
             f"choose another --{setting}")
-    model, checkpoint = load_model(path)
+    model, enc, checkpoint = load_for_generation(path)  # the float32 weights, as trained
     arch = architecture(checkpoint['model_args'])  # or one line naming the options it lacks
 
     # the checkpoint knows its tokenizer; the data it was trained on, if still there, gives the card its figures
     state = checkpoint_tokenizer(checkpoint)
-    enc = get_tokenizer(state)
-    if model.config.vocab_size < enc.n_vocab:
-        die(f"{path} has vocab_size={model.config.vocab_size}, too small for its tokenizer {enc.name} ({enc.n_vocab} tokens)")
     data_dir = (checkpoint.get('config') or {}).get('data_dir', '')
     meta, no_meta = training_data(data_dir, state)
     loss = checkpoint.get('best_val_loss')

@@ -1,7 +1,7 @@
 """
 Generation with a model from model.py: a KV cache (the prompt is read once, then each new token
-costs one position's pass), sampling, a decoding step compiled by torch.compile, and, on the CPU,
-weight layouts that let a decoding step read its weights near memory speed.
+costs one position's pass), sampling, and a token's whole step compiled by torch.compile into one
+call (the weights' layouts for decoding are layouts.py's, swapped in when a script loads a model).
   from generate import generate
   out = generate(model, idx, 100, temperature=0.8, top_k=200)  # idx (B, T) -> (B, T + up to 100)
 The network knows only that a cache may take over its attention (positions and attend): KVCache
@@ -46,7 +46,7 @@ class KVCache:
         return y.to(dtype)
 
 
-def decode(model, idx, layers, pos):
+def step_logits(model, idx, layers, pos):
     """Logits (B, 1, vocab) for the token after idx (B, T), which continues at position pos the rows
     whose keys and values layers hold (they receive idx's): the eager decoding step."""
     return model.lm_head(model.hidden_states(idx, KVCache(layers, pos))[:, -1:, :])
@@ -95,8 +95,8 @@ def compiled_for(model, fn, mode=None):
 def compiled_step(model):
     """next_tokens through compiled_for for the model's weights as they are now (the compiled code is
     made on first use and kept on the model); on CUDA the step is one CUDA graph (mode='reduce-overhead').
-    Frozen weights would not notice a change, so the weights' storage and versions are an argument
-    the compiled code is guarded on: a weight that changes afterwards (an optimizer step,
+    Frozen weights would not notice a change, so the storage and versions of the weights (and
+    buffers: int8 weights are) are an argument the compiled code is guarded on: a weight that changes afterwards (an optimizer step,
     load_state_dict) compiles it again."""
     cuda = model.transformer.wte.weight.device.type == 'cuda'
     if getattr(model, 'compiled_next_tokens', None) is None:
@@ -105,7 +105,8 @@ def compiled_step(model):
                 raise ValueError("a model without weights")
             return next_tokens(model, *args)
         model.compiled_next_tokens = compiled_for(model, step, mode='reduce-overhead' if cuda else None)
-    compiled, weights = model.compiled_next_tokens, ','.join(f'{p.data_ptr()}:{p._version}' for p in model.parameters())
+    compiled = model.compiled_next_tokens
+    weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
 
     def step(*args):
         if cuda:  # a new replay of the graph, whose output the caller keeps past the next one
@@ -115,7 +116,14 @@ def compiled_step(model):
     return step
 
 
-def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, window_shift=1, block_size=None):
+def window_shift_for(window_shift, block_size):
+    """window_shift, or for None a quarter of block_size: re-reading the window at every token past it
+    (1) is 3x slower than cached steps, every block_size // 4 tokens it adds ~5%, and the context
+    stays at least 3/4 of it."""
+    return max(1, block_size // 4) if window_shift is None else window_shift
+
+
+def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, window_shift=None, block_size=None):
     """Raise ValueError naming a sampling option out of its range (window_shift's upper bound once block_size is known)."""
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
@@ -125,9 +133,9 @@ def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
     if not 0 < repetition_penalty < math.inf:
         raise ValueError(f"repetition_penalty must be > 0 (1.0 is off) and finite, got {repetition_penalty}")
-    if not (type(window_shift) is int and window_shift >= 1):
+    if window_shift is not None and not (type(window_shift) is int and window_shift >= 1):
         raise ValueError(f"window_shift must be a whole number >= 1, got {window_shift!r}")
-    if block_size is not None and window_shift > block_size:
+    if block_size is not None and window_shift is not None and window_shift > block_size:
         raise ValueError(f"window_shift must be at most block_size={block_size}, got {window_shift}")
 
 
@@ -186,6 +194,7 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     slow to start (tens of seconds on a CPU, again for other sampling settings), then faster per token.
     """
     block_size = model.config.block_size
+    window_shift = window_shift_for(window_shift, block_size)
     check_options(temperature, top_k, top_p, repetition_penalty, window_shift, block_size)
     if compile and use_cache:
         yield from compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
@@ -205,7 +214,7 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
                 cache = KVCache.empty(model.config, idx.size(0), idx.device, cache_dtype)
             else:
                 new = next_token  # idx's last column; a view of idx would get a new stride every step
-            logits = decode(model, new, cache.layers, cache.pos)
+            logits = step_logits(model, new, cache.layers, cache.pos)
             cache.pos += new.size(1)
         logits = logits[:, -1, :].float()
         if repetition_penalty != 1.0:
@@ -295,7 +304,7 @@ class Rows:
         self.model = model
         self.logits = compiled_for(model, self.eager_logits) if compile else self.eager_logits
         self.block_size = model.config.block_size
-        self.window_shift = max(1, self.block_size // 4) if window_shift is None else window_shift  # as sample.py
+        self.window_shift = window_shift_for(window_shift, self.block_size)
         check_options(window_shift=self.window_shift, block_size=self.block_size)
         self.widths = ([max_rows] if fixed_batch else [1, max_rows] if compile else
                        sorted({min(max_rows, 1 << i) for i in range(max_rows.bit_length() + 1)}))

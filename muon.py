@@ -49,8 +49,8 @@ class MuonWithAdamW:
 
 def orthogonalise_float32(grad, ns_coefficients, ns_steps, eps):
     """torch.optim.Muon's orthogonalisation, its quintic Newton-Schulz iteration, in float32 instead
-    of bf16: on a CPU without bf16 instructions bf16 products are emulated, and torch's took 4.7 s
-    of config/cpu.py's 5.8 s step on a 2-core AVX2 CPU."""
+    of bf16: on a CPU without bf16 instructions bf16 products are emulated, and torch's took most of
+    config/cpu.py's step there (docs/performance.md)."""
     a, b, c = ns_coefficients
     tall = grad.size(0) > grad.size(1)
     x = grad.float().T if tall else grad.float()

@@ -5,7 +5,6 @@ Write stories with a model trained by train.py.
 The stories go to stdout (a single one is printed as it is written); the speed goes to stderr.
 The checkpoint holds its tokenizer, so sample.py needs no data_dir.
 """
-import codecs
 import os
 import signal
 import sys
@@ -15,7 +14,8 @@ import torch
 
 from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_for_generation,
                     log, set_threads)
-from generate import check_options, generate, stream
+from generate import check_options, generate, stream, window_shift_for
+from tokenizer import decode_utf8, prompt_ids
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-cpu'  # where train.py saved its checkpoints: config/cpu.py's, the README's first run
@@ -38,33 +38,16 @@ threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); b
 # -----------------------------------------------------------------------------
 
 
-def decode_utf8(tokens, enc):
-    """Yield the text of a stream of token ids as soon as it forms whole characters: a token, of
-    GPT-2 or of a byte-level BPE, can end inside a multi-byte UTF-8 character that the next token
-    completes. Joined, the pieces equal enc.decode(tokens); bytes that never form a character become U+FFFD."""
-    decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
-    for t in tokens:
-        # ids past the tokenizer's (a vocabulary padded for speed) have no text
-        text = decoder.decode(enc.decode_single_token_bytes(t) if t < enc.n_vocab else b'')
-        if text:
-            yield text
-    text = decoder.decode(b'', final=True)
-    if text:
-        yield text
-
-
-if __name__ == '__main__':  # a plain script; tests import decode_utf8
+if __name__ == '__main__':  # a plain script
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
     # every setting's range, checked before the slow part, loading the model
-    if not ckpt:
-        die("ckpt must be best, last or the path of a checkpoint")
     if num_samples < 1:
         die(f"num_samples must be at least 1, got {num_samples}")
     if max_new_tokens < 1:
         die(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     try:
-        check_options(**options, window_shift=1 if window_shift is None else window_shift)
+        check_options(**options, window_shift=window_shift)  # against block_size once it is known
     except ValueError as e:
         die(str(e))
     if start.startswith('FILE:'):
@@ -84,17 +67,13 @@ if __name__ == '__main__':  # a plain script; tests import decode_utf8
     path = checkpoint_path(out_dir, ckpt)
     model, enc, _ = load_for_generation(path, device, dtype, int8)
     block_size = model.config.block_size
-    if window_shift is None:
-        # re-reading the window at every token past block_size (window_shift=1) is 3x slower than
-        # cached steps; every block_size // 4 tokens it adds ~5%, and the context stays >= 3/4 of it
-        window_shift = max(1, block_size // 4)
+    window_shift = window_shift_for(window_shift, block_size)
     try:
         check_options(window_shift=window_shift, block_size=block_size)
     except ValueError as e:
         die(str(e))
 
-    # every story in train.bin follows an <|endoftext|>: it tells the model a new story begins
-    ids = [enc.eot_token] + enc.encode(start, allowed_special='all')
+    ids = prompt_ids(enc, start)
     if len(ids) > block_size:
         log(f"warning: the prompt is {len(ids)} tokens, more than block_size={block_size}; "
             f"the model sees only its last {block_size}")

@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException
 from batching import Batcher
 from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_for_generation,
                     log, set_threads)
-from generate import Rows, check_options
+from generate import Rows
 from serve_limits import connection, open_files, out_of_files
+from tokenizer import prompt_ids
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-cpu'  # where train.py saved its checkpoints
@@ -46,14 +47,12 @@ max_body_bytes = 1_000_000  # larger request bodies get 413 (20,000 characters, 
 max_connections = 512  # connections open at once (idle, sending or served); more are closed at once; at most ulimit -n allows
 request_timeout = 20.0  # seconds a connection has to send a whole request, head and body; slower ones are closed
 int8 = False  # as sample.py: int8 weights, for models large enough that reading weights bounds a step
-threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
+threads = 0  # CPU threads torch computes with; 0: one per core but one, left to the web server (docs/serving.md)
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
 compile = False  # torch.compile the batched decoding step: slower to start (tens of seconds on a CPU), then faster steps
 fixed_batch = False  # decode all max_batch rows every step: a request's text (float32) never depends on the others in flight, at a slower step with few
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
-if not ckpt:
-    die("ckpt must be best, last or the path of a checkpoint")
 if not 1 <= port <= 65535:
     die(f"port must be from 1 to 65535, got {port}")
 for name, least in (('max_batch', 1), ('max_tokens_limit', 1), ('max_queue', 0), ('max_prompt_chars', 0),
@@ -67,11 +66,7 @@ elif host in ('127.0.0.1', '::1', 'localhost'):
     hosts = {'localhost', '127.0.0.1', '[::1]'}
 else:
     hosts = {'*'} if host in ('0.0.0.0', '::', '') else {host.lower(), f'[{host.lower()}]'}
-threads = set_threads(threads)
-try:  # before the slow part, loading the model; Rows checks it against block_size
-    check_options(window_shift=1 if window_shift is None else window_shift)
-except ValueError as e:
-    die(str(e))
+threads = set_threads(threads or max(1, set_threads() - 1))  # the event loop takes a core's share: its thread and OpenMP's would fight
 device = get_device(device)
 dtype = get_dtype(dtype, device.split(':')[0])
 keep_freed_memory(device.split(':')[0])
@@ -309,8 +304,7 @@ async def until_gone(request):
 @app.post('/v1/completions')
 async def completions(body: CompletionRequest, request: Request):
     global busy
-    # as sample.py: every story in train.bin follows an <|endoftext|>, which tells the model a new story begins
-    ids = [enc.eot_token] + enc.encode(body.prompt, allowed_special='all')
+    ids = prompt_ids(enc, body.prompt)
     job = batcher.admit(ids, dict(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, seed=body.seed),
                         body.max_tokens)
     if job is None:

@@ -8,6 +8,7 @@ encode_ordinary, encode, decode, decode_single_token_bytes), and never ask which
 tokenizer's state, {'name': 'gpt2' or 'bpe:N', 'json': None or the tokenizer.json text}, is what
 train.py stores in every checkpoint under 'tokenizer' and what two tokenizers compare by.
 """
+import codecs
 import json
 import os
 import re
@@ -189,3 +190,38 @@ def check_same(data_state, ckpt_state, data_dir, ckpt_path):
     die(f"{data_dir} was prepared with tokenizer {data_state['name']}, but {ckpt_path} was trained with {ours}: "
         "use data prepared with the checkpoint's tokenizer (a bpe:N is the same one only when trained on the same "
         "train documents)")
+
+
+def prompt_ids(enc, text):
+    """The ids a story's beginning is read as: every story in train.bin follows an <|endoftext|>, which
+    tells the model a new story begins (sample.py, serve.py and llama.cpp's GGUF alike)."""
+    return [enc.eot_token] + enc.encode(text, allowed_special='all')
+
+
+class TextDecoder:
+    """The text of token ids as they come, in whole characters: a token, of GPT-2 or of a byte-level
+    BPE, can end inside a multi-byte UTF-8 character that the next token completes. Joined, the
+    pieces equal enc.decode(ids); bytes that never form a character become U+FFFD. Ids past the
+    tokenizer's (a vocabulary padded for speed) have no text, nor has <|endoftext|> with eot_text=False."""
+
+    def __init__(self, enc, eot_text=True):
+        self.enc, self.eot_text = enc, eot_text
+        self.decoder = codecs.getincrementaldecoder('utf-8')(errors='replace')
+
+    def add(self, token):
+        known = token < self.enc.n_vocab and (self.eot_text or token != self.enc.eot_token)
+        return self.decoder.decode(self.enc.decode_single_token_bytes(token) if known else b'')
+
+    def end(self):
+        return self.decoder.decode(b'', final=True)
+
+
+def decode_utf8(tokens, enc):
+    """Yield the text of a stream of token ids as soon as it forms whole characters (TextDecoder)."""
+    decoder = TextDecoder(enc)
+    for text in map(decoder.add, tokens):
+        if text:
+            yield text
+    text = decoder.end()
+    if text:
+        yield text

@@ -107,6 +107,13 @@ def test_numbers_match_a_direct_computation(setup, enc, tmp_path, batch_size):
     assert f"loss {results['loss']:.4f} nats/token" in out and '137 tokens' in out and '5 windows of 32' in out
 
 
+def test_int8_weights_cost_a_little_loss(setup, enc, tmp_path):
+    root, model, tokens = setup
+    evaluate(root, '--int8=True', f'--json_out={tmp_path / "int8.json"}')
+    loss, exact = json.loads((tmp_path / 'int8.json').read_text())['loss'], by_hand(model, tokens, enc)['loss']
+    assert loss == pytest.approx(exact, rel=0.01) and loss != exact  # int8 did run
+
+
 @pytest.mark.parametrize('cpu_bf16', [True, False])
 def test_default_precision_follows_the_rule_and_bf16_stays_close(setup, enc, tmp_path, monkeypatch, cpu_bf16):
     """dtype=auto is bf16 autocast on a CPU with bf16 instructions, within 0.01 nats/token of

@@ -134,7 +134,7 @@ def test_the_tokenizer_is_tiktokens_gpt2(finetuned):
 
 
 def assert_greedy_is_sample_pys(out_dir, export_dir, enc):
-    from sample import decode_utf8
+    from tokenizer import decode_utf8
     start = 'Once upon a time, there'
     story = run('sample.py', f'--out_dir={out_dir}', f'--start={start}', '--temperature=0', '--max_new_tokens=24',
                 '--device=cpu').stdout

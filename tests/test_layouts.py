@@ -15,7 +15,7 @@ def fast_logits(model, idx):
     logits = []
     with torch.no_grad():
         for t in range(idx.size(1)):
-            logits.append(gen.decode(model, idx[:, t:t + 1], cache.layers, cache.pos))
+            logits.append(gen.step_logits(model, idx[:, t:t + 1], cache.layers, cache.pos))
             cache.pos += 1
     return torch.cat(logits, dim=1)
 
