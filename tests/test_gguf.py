@@ -4,11 +4,13 @@ logits, and run by llama.cpp itself: its tokens are tokenizer.py's (with <|endof
 prompt) and its greedy text is sample.py's. The other types within a stated perplexity; one-line
 errors that leave nothing behind. llama.cpp's tests need its tools, which ../shared/tools/llama-cpp.sh
 builds (LLAMA_CPP_BIN names their folder); without them they skip, saying so."""
+import fcntl
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -43,9 +45,18 @@ def run(script, *args, ok=True):
     return result
 
 
-def llama_cpp(tool, *args):
-    result = subprocess.run([os.path.join(LLAMA_CPP_BIN, tool), *args], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+def llama_cpp(tool, *args, done=None):
+    """Run one of llama.cpp's tools; done: a text its output ends with once the tool has finished its work.
+    Run side by side or beside a busy process, llama-completion and llama-perplexity at times stopped
+    early, exit status 0, their text cut short (seen with the build llama-cpp.sh makes): one tool at a
+    time across the test workers, and a run cut short is run again, twice at most."""
+    for _ in range(3):
+        with open(os.path.join(tempfile.gettempdir(), 'tinystories-gpt-llama-cpp.lock'), 'w') as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            result = subprocess.run([os.path.join(LLAMA_CPP_BIN, tool), *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if done is None or done in result.stdout + result.stderr:
+            break
     return result
 
 
@@ -123,7 +134,7 @@ def test_llama_cpp_writes_sample_pys_greedy_text(model):
     ours = run('sample.py', f'--out_dir={out}', f'--start={prompt}', '--temperature=0', '--dtype=float32', '--device=cpu',
                f'--max_new_tokens={n}').stdout
     theirs = llama_cpp('llama-completion', '-m', os.path.join(out, 'model-f32.gguf'), '-p', prompt, '-n', str(n),
-                       '--temp', '0', '-no-cnv', '-t', '1').stdout
+                       '--temp', '0', '-no-cnv', '-t', '1', done='total time').stdout
     assert theirs.rstrip('\n').removesuffix(' [end of text]') == ours.rstrip('\n')
     assert len(ours) > len(prompt) + 20, ours  # it wrote a story, not nothing
 
@@ -152,7 +163,8 @@ def test_llama_cpps_perplexity_is_ours_and_smaller_types_keep_it_within_1_percen
     for kind in ('f32', 'f16', 'bf16', 'q8_0') if recipe == 'llama' else ('f32', 'q8_0'):  # GPT-2's exports take longer
         path = f'{tmp_path}/{kind}.gguf'
         run('export.py', f'--out_dir={out}', '--format=gguf', f'--gguf_type={kind}', f'--gguf_file={path}')
-        result = llama_cpp('llama-perplexity', '-m', path, '-f', str(tmp_path / 'stories.txt'), '-c', '32', '-b', '32', '-t', '1')
+        result = llama_cpp('llama-perplexity', '-m', path, '-f', str(tmp_path / 'stories.txt'), '-c', '32', '-b', '32', '-t', '1',
+                           done='Final estimate')
         found = re.search(r'Final estimate: PPL = ([\d.]+)', result.stdout + result.stderr)
         assert found, result.stdout + result.stderr[-3000:]
         ppl[kind] = float(found[1])
