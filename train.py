@@ -26,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
+import distributed
 from checkpoints import NANOGPT_ARGS, checkpoint_config, rng_state, set_rng_state, write_checkpoint
 from common import (autocast, compile_for_training, die, get_device, get_dtype, keep_freed_memory, load_checkpoint,
-                    lock_folder, log, open_split, read_meta, remove_stale_temps, set_threads)
+                    lock_folder, log, open_split, read_meta, remove_stale_temps)
 from metrics import MetricsLog
 from model import GPT, GPTConfig
 from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
@@ -126,11 +127,7 @@ try:  # with GPTConfig's default vocab_size until meta.json gives the data's
     model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
 except ValueError as e:
     die(str(e))
-# torchrun starts LOCAL_WORLD_SIZE processes on this machine, each with OMP_NUM_THREADS=1 unless the environment
-# sets it: threads=0 gives each its share of the cores instead, and --threads=N any other count
-local_processes = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
-cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
-threads = set_threads(threads or (max(1, cores // local_processes) if local_processes > 1 else 0))
+threads = distributed.set_process_threads(threads)
 # -----------------------------------------------------------------------------
 
 # a new run would replace a trained model and reset its metrics.jsonl: only when asked to
@@ -147,10 +144,7 @@ gradient_accumulation_steps = -(-gradient_accumulation_steps // world_size)  # p
 device = get_device(device)
 device_type = device.split(':')[0]
 if ddp:
-    if device_type == 'cuda':
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=('nccl' if device_type == 'cuda' else 'gloo') if backend == 'auto' else backend)
+    device = distributed.join(device, backend)
 dtype = get_dtype(dtype, device_type)
 ctx = autocast(device_type, dtype)
 torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere and later)
@@ -454,12 +448,8 @@ if master_process:
 
 if stop and saved_at != iter_num:
     save_checkpoint(['last.pt'])
-if ddp:  # a real check that DDP did its job: every process ends with the same weights
-    sums = torch.stack([p.detach().double().sum() for p in raw_model.parameters()])
-    all_sums = [torch.empty_like(sums) for _ in range(world_size)]
-    dist.all_gather(all_sums, sums)
-    if not all(torch.equal(s, sums) for s in all_sums):
-        die("the DDP processes ended with different weights: their gradients were not kept in sync")
+if ddp:
+    distributed.check_same_weights(raw_model, world_size)
     # free DDP's reducer, which holds gloo work objects, while the process group still lives: left to
     # the interpreter's teardown, they abort the process now and then (SIGABRT)
     model = None
