@@ -66,7 +66,8 @@ def next_tokens(model, token, pos, layers, u, seen, done, temperature, top_k, to
     if eos_token is not None:
         token = torch.where(done[:, None], eos_token, token)
         done |= token[:, 0] == eos_token
-    seen.scatter_(1, token, True)
+    if repetition_penalty != 1.0:
+        seen.scatter_(1, token, True)
     pos += 1
     return token
 
