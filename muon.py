@@ -23,16 +23,27 @@ class MuonWithAdamW:
     def param_groups(self):  # looked up each time: load_state_dict replaces an optimizer's groups
         return self.muon.param_groups + self.adamw.param_groups
 
+    @torch.no_grad()
     def step(self):
-        if self.float32:  # torch.optim.Muon calls its module's function: the one place to swap it
-            module = torch.optim._muon
-            bf16, module._zeropower_via_newtonschulz = module._zeropower_via_newtonschulz, orthogonalise_float32
-            try:
-                self.muon.step()
-            finally:
-                module._zeropower_via_newtonschulz = bf16
-        else:
-            self.muon.step()
+        """torch.optim.Muon's step on its own state, with the matrices of one shape orthogonalised
+        together: one batched Newton-Schulz iteration per shape instead of one per matrix (for
+        config/cpu.py 4 instead of 24, 1.7x faster)."""
+        for group in self.muon.param_groups:
+            by_shape = {}
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                state = self.muon.state[p]
+                if 'momentum_buffer' not in state:
+                    state['momentum_buffer'] = torch.zeros_like(p.grad)
+                buf = state['momentum_buffer'].lerp_(p.grad, 1 - group['momentum'])
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, group['momentum']) if group['nesterov'] else buf))
+            for shape, pairs in by_shape.items():
+                updates = orthogonalise(torch.stack([u for _, u in pairs]), group['ns_coefficients'],
+                                        group['ns_steps'], group['eps'], torch.float32 if self.float32 else torch.bfloat16)
+                lr = group['lr'] * 0.2 * max(shape) ** 0.5  # adjust_lr_fn='match_rms_adamw', as built above
+                for (p, _), update in zip(pairs, updates):
+                    p.mul_(1 - group['lr'] * group['weight_decay']).add_(update, alpha=-lr)
         self.adamw.step()
 
     def zero_grad(self, set_to_none=True):
@@ -47,15 +58,16 @@ class MuonWithAdamW:
         self.adamw.load_state_dict(state['adamw'])
 
 
-def orthogonalise_float32(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim.Muon's orthogonalisation, its quintic Newton-Schulz iteration, in float32 instead
-    of bf16: on a CPU without bf16 instructions bf16 products are emulated, and torch's took most of
-    config/cpu.py's step there (docs/performance.md)."""
+def orthogonalise(grads, ns_coefficients, ns_steps, eps, dtype):
+    """torch.optim.Muon's orthogonalisation, its quintic Newton-Schulz iteration, on a stack of
+    matrices of one shape (n, rows, cols). dtype: torch's bf16, or float32 on a CPU without bf16
+    instructions, where bf16 products are emulated and torch's took most of config/cpu.py's step
+    (docs/performance.md)."""
     a, b, c = ns_coefficients
-    tall = grad.size(0) > grad.size(1)
-    x = grad.float().T if tall else grad.float()
-    x = x / x.norm().clamp(min=eps)  # a spectral norm of at most 1
+    tall = grads.size(1) > grads.size(2)
+    x = grads.to(dtype).mT if tall else grads.to(dtype)
+    x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=eps)  # each a spectral norm of at most 1
     for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x

@@ -165,24 +165,45 @@ def test_muon_and_adamw_step_save_and_load_as_one_optimizer():
 
 
 
+def test_muon_steps_as_torchs_with_each_shape_orthogonalised_at_once():
+    """MuonWithAdamW orthogonalises the matrices of one shape together (muon.orthogonalise): its
+    steps are torch.optim.Muon's, matrix by matrix, from the same momentum state."""
+    a, b = tiny(**LLAMA).train(), tiny(**LLAMA).train()
+    ours = a.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon')
+    ours.float32 = False  # torch's own dtype, bf16, whatever the CPU
+    matrices = [p for name, p in b.named_parameters() if name.startswith('transformer.h.') and p.dim() == 2]
+    torchs = torch.optim.Muon(matrices, lr=1e-3, weight_decay=0.1, adjust_lr_fn='match_rms_adamw')
+    assert len({p.shape for p in matrices}) < len(matrices)  # some shapes come more than once
+    for i in range(3):
+        ours.zero_grad()
+        a(*torch.randint(97, (2, 2, 16), generator=torch.Generator().manual_seed(i)))[1].backward()
+        for p, q in zip(a.parameters(), b.parameters()):
+            q.grad = p.grad.clone()
+        ours.step()
+        torchs.step()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if name.startswith('transformer.h.') and p.dim() == 2:
+            assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize('has_bf16', [True, False])
 def test_muon_orthogonalises_in_float32_on_a_cpu_without_bf16(monkeypatch, has_bf16):
-    """There torch.optim.Muon's bf16 products are emulated and slow: the same iteration runs in
-    float32, which torch's bf16 result approximates; with bf16 instructions torch's own runs."""
+    """There bf16 products are emulated and slow: the same iteration runs in float32, which torch's
+    bf16 result approximates."""
     from torch.optim import _muon
-    from muon import orthogonalise_float32
+    from muon import orthogonalise
     g = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
     args = (3.4445, -4.7750, 2.0315), 5, 1e-7  # torch's coefficients, steps and eps
-    ours, torchs = orthogonalise_float32(g, *args), _muon._zeropower_via_newtonschulz(g, *args)
+    ours, torchs = orthogonalise(g[None], *args, torch.float32)[0], _muon._zeropower_via_newtonschulz(g, *args)
     assert ours.dtype == torch.float32 and torchs.dtype == torch.bfloat16
     torch.testing.assert_close(ours, torchs.float(), atol=0.03, rtol=0.03)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: has_bf16, raising=False)
-    bf16 = _muon._zeropower_via_newtonschulz
-    called = []
-    monkeypatch.setattr('muon.orthogonalise_float32', lambda *args: called.append(1) or orthogonalise_float32(*args))
+    dtypes = []
+    monkeypatch.setattr('muon.orthogonalise', lambda *args: dtypes.append(args[-1]) or orthogonalise(*args))
     model = tiny(**LLAMA).train()
     one_step(model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu', 'muon'))
-    assert bool(called) != has_bf16 and _muon._zeropower_via_newtonschulz is bf16  # put back after the step
+    assert set(dtypes) == {torch.bfloat16 if has_bf16 else torch.float32}
+
 
 # ---------------------------------------------------------------------------- train.py (on conftest's data)
 
