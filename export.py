@@ -7,7 +7,8 @@ on it (ollama, LM Studio):
   $ python export.py --out_dir=out-cpu --format=gguf                # out-cpu/model-f32.gguf
   $ python export.py --out_dir=out-cpu --format=gguf --gguf_type=q8_0 --gguf_file=stories-q8_0.gguf
 A GPT-2-shaped model becomes a GPT2LMHeadModel (llama.cpp's gpt2); one with Llama's options (rope,
-rmsnorm, swiglu) a LlamaForCausalLM (llama.cpp's llama). The folder holds model.safetensors,
+rmsnorm, swiglu) a LlamaForCausalLM (llama.cpp's llama), with relu2 for swiglu an ArceeForCausalLM
+(llama.cpp's arcee). The folder holds model.safetensors,
 config.json, generation_config.json, the checkpoint's tokenizer (tokenizer.json: GPT-2's, or the
 trained BPE's) and a README.md model card; AutoModelForCausalLM.from_pretrained(folder) and
 AutoTokenizer.from_pretrained(folder) load it offline. The GGUF file holds the weights, the tokenizer
@@ -120,8 +121,9 @@ def model_card(name, arch, path, checkpoint, model, tokenizer, meta, no_meta, bp
         lines.append("- Trained without biases; GPT-2's are stored as zeros, which compute the same model")
     cfg = model.config
     gpt2 = arch == 'GPT2LMHeadModel'
-    shape, tag = ('GPT-2', 'gpt2') if gpt2 else ('Llama', 'llama')
-    parts = '' if gpt2 else f"; rotary positions (theta {cfg.rope_theta:g}), RMSNorm and SwiGLU, as Llama"
+    shape, tag = ('GPT-2', 'gpt2') if gpt2 else ('Llama', 'arcee' if cfg.mlp == 'relu2' else 'llama')
+    mlp = "ReLU² (relu(x)^2 between two matrices), as Arcee's AFM" if cfg.mlp == 'relu2' else 'SwiGLU, as Llama'
+    parts = '' if gpt2 else f"; rotary positions (theta {cfg.rope_theta:g}), RMSNorm and {mlp}"
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation

@@ -1,6 +1,6 @@
 """The mapping from model.py's GPT to a GGUF file, llama.cpp's format (and so ollama's and LM Studio's),
 written with ggml's own writer, the `gguf` package: a GPT-2-shaped model as llama.cpp's gpt2
-architecture, a Llama-shaped one as its llama, in f32, f16, bf16 or q8_0. The checkpoint's tokenizer
+architecture, a Llama-shaped one as its llama (arcee with ReLU² for SwiGLU), in f32, f16, bf16 or q8_0. The checkpoint's tokenizer
 (GPT-2's or a trained BPE, both byte-level BPEs with GPT-2's split) goes into the file's metadata, with
 <|endoftext|> put before every prompt as train.bin puts it before every story, so llama.cpp reads a
 prompt as sample.py does. export.py --format=gguf writes one with it."""
@@ -26,7 +26,7 @@ def gguf_tensors(model, arch, vocab_size):
                 if k.endswith(('ln_1.weight', 'ln_2.weight', 'ln_f.weight', 'c_attn.weight', 'c_proj.weight', 'c_fc.weight')):
                     state[k[:-len('weight')] + 'bias'] = torch.zeros(v.size(0))
     else:
-        arch = gguf.MODEL_ARCH.LLAMA
+        arch = gguf.MODEL_ARCH.ARCEE if arch == 'ArceeForCausalLM' else gguf.MODEL_ARCH.LLAMA
         state = llama_weights(model, cfg.vocab_size)
         if cfg.tie_embeddings:  # llama.cpp reads token_embd for the output when output.weight is absent
             del state['lm_head.weight']

@@ -19,6 +19,8 @@ CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_
 # the options that choose the architecture, as each transformers model has them
 GPT2_SHAPE = dict(pos_emb='learned', norm='layernorm', mlp='gelu')
 LLAMA_SHAPE = dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu')
+ARCEE_SHAPE = dict(pos_emb='rope', norm='rmsnorm', mlp='relu2')  # Llama with ReLU² for SwiGLU: Arcee's AFM
+SHAPES = {'GPT2LMHeadModel': GPT2_SHAPE, 'LlamaForCausalLM': LLAMA_SHAPE, 'ArceeForCausalLM': ARCEE_SHAPE}
 # model_args that either model holds as they are: sizes, biases (GPT-2's as zeros when absent,
 # Llama's attention_bias and mlp_bias), a separate output layer, and the rotary base
 FREE = ('n_layer', 'n_head', 'n_embd', 'block_size', 'vocab_size', 'dropout', 'attn_dropout', 'bias', 'tie_embeddings',
@@ -40,14 +42,15 @@ def architecture(model_args):
     shape = {k: model_args.get(k, getattr(GPTConfig, k)) for k in GPT2_SHAPE}
     unknown = {k: v for k, v in model_args.items() if k not in FREE + tuple(shape) and v != getattr(GPTConfig, k, None)}
     if unknown:  # an option model.py gained after this mapping was written
-        die(f"{', '.join(f'{k}={v!r}' for k, v in unknown.items())}: no counterpart in GPT2LMHeadModel or "
-            "LlamaForCausalLM, the models export.py writes (for transformers and llama.cpp alike)")
-    if shape in (GPT2_SHAPE, LLAMA_SHAPE):
-        return 'GPT2LMHeadModel' if shape == GPT2_SHAPE else 'LlamaForCausalLM'
+        die(f"{', '.join(f'{k}={v!r}' for k, v in unknown.items())}: no counterpart in {', '.join(SHAPES)}, "
+            "the models export.py writes (for transformers and llama.cpp alike)")
+    for arch, target in SHAPES.items():
+        if shape == target:
+            return arch
     named = lambda target: ', '.join(f'{k}={v!r}' for k, v in shape.items() if v != target[k])
     die(f"{', '.join(f'{k}={v!r}' for k, v in shape.items())}: no transformers or llama.cpp model has this combination "
         f"({named(GPT2_SHAPE)}: none in GPT2LMHeadModel; {named(LLAMA_SHAPE)}: none in LlamaForCausalLM); "
-        "export takes GPT-2's three (learned, layernorm, gelu) or Llama's (rope, rmsnorm, swiglu)")
+        "export takes GPT-2's three (learned, layernorm, gelu) or Llama's (rope, rmsnorm, swiglu or relu2)")
 
 
 def save_gpt2(model, folder, vocab_size, eot_token):
@@ -73,22 +76,24 @@ def save_gpt2(model, folder, vocab_size, eot_token):
 
 
 def llama_config(config, hidden, vocab_size, eot_token=None):
-    """The LlamaConfig of a GPTConfig with Llama's options; hidden is its SwiGLU's hidden size."""
-    from transformers import LlamaConfig
-    llama = LlamaConfig(
+    """The LlamaConfig of a GPTConfig with Llama's options (ArceeConfig with ReLU²); hidden is its MLP's hidden size."""
+    from transformers import ArceeConfig, LlamaConfig
+    relu2 = config.mlp == 'relu2'
+    llama = (ArceeConfig if relu2 else LlamaConfig)(
         vocab_size=vocab_size, hidden_size=config.n_embd, intermediate_size=hidden, num_hidden_layers=config.n_layer,
         num_attention_heads=config.n_head, num_key_value_heads=config.n_head, max_position_embeddings=config.block_size,
         rms_norm_eps=1e-5, rope_parameters={'rope_type': 'default', 'rope_theta': config.rope_theta},
         tie_word_embeddings=config.tie_embeddings, attention_bias=config.bias, mlp_bias=config.bias,
-        attention_dropout=config.attention_dropout(), hidden_act='silu', bos_token_id=eot_token, eos_token_id=eot_token,
-        architectures=['LlamaForCausalLM'])
+        attention_dropout=config.attention_dropout(), hidden_act='relu2' if relu2 else 'silu', bos_token_id=eot_token,
+        eos_token_id=eot_token, architectures=['ArceeForCausalLM' if relu2 else 'LlamaForCausalLM'])
     llama.rope_theta = config.rope_theta  # where transformers 4 and llama.cpp's converter read it
     return llama
 
 
 def llama_weights(model, vocab_size):
-    """model.py's GPT (Llama's options) as LlamaForCausalLM names its weights, keeping the first
-    vocab_size tokens: c_attn's rows are q, k, v in turn, and SwiGLU's c_fc rows are gate then up."""
+    """model.py's GPT (Llama's options) as LlamaForCausalLM (or ArceeForCausalLM) names its weights,
+    keeping the first vocab_size tokens: c_attn's rows are q, k, v in turn, and SwiGLU's c_fc rows are
+    gate then up (ReLU²'s c_fc is up alone)."""
     cfg, t = model.config, model.transformer
     hidden = t.h[0].mlp.hidden
     weights = {'model.embed_tokens.weight': t.wte.weight[:vocab_size], 'model.norm.weight': t.ln_f.weight,
@@ -97,33 +102,34 @@ def llama_weights(model, vocab_size):
         attn, mlp, layer = block.attn, block.mlp, f'model.layers.{i}.'
         for kind in ('weight', 'bias') if cfg.bias else ('weight',):
             q, k, v = getattr(attn.c_attn, kind).split(cfg.n_embd)
-            gate, up = getattr(mlp.c_fc, kind).split(hidden)
+            gate, up = (None, getattr(mlp.c_fc, kind)) if cfg.mlp == 'relu2' else getattr(mlp.c_fc, kind).split(hidden)
             weights.update({
                 layer + f'self_attn.q_proj.{kind}': q,
                 layer + f'self_attn.k_proj.{kind}': k,
                 layer + f'self_attn.v_proj.{kind}': v,
                 layer + f'self_attn.o_proj.{kind}': getattr(attn.c_proj, kind),
-                layer + f'mlp.gate_proj.{kind}': gate,
                 layer + f'mlp.up_proj.{kind}': up,
                 layer + f'mlp.down_proj.{kind}': getattr(mlp.c_proj, kind),
             })
+            if gate is not None:
+                weights[layer + f'mlp.gate_proj.{kind}'] = gate
         weights[layer + 'input_layernorm.weight'] = block.ln_1.weight
         weights[layer + 'post_attention_layernorm.weight'] = block.ln_2.weight
     return {k: v.detach() for k, v in weights.items()}
 
 
 def to_llama(model):
-    """The LlamaForCausalLM that computes what model.py's GPT with Llama's options computes."""
-    from transformers import LlamaForCausalLM
+    """The LlamaForCausalLM (ArceeForCausalLM) that computes what model.py's GPT with Llama's options computes."""
+    from transformers import ArceeForCausalLM, LlamaForCausalLM
     cfg = model.config
-    llama = LlamaForCausalLM(llama_config(cfg, model.transformer.h[0].mlp.hidden, cfg.vocab_size))
+    llama = (ArceeForCausalLM if cfg.mlp == 'relu2' else LlamaForCausalLM)(llama_config(cfg, model.transformer.h[0].mlp.hidden, cfg.vocab_size))
     llama.load_state_dict({k: v.clone() for k, v in llama_weights(model, cfg.vocab_size).items()}, strict=True)
     return llama.eval()
 
 
 def save_llama(model, folder, vocab_size, eot_token):
     """model.py's GPT with Llama's options as folder/model.safetensors, config.json and
-    generation_config.json for LlamaForCausalLM, keeping the first vocab_size tokens."""
+    generation_config.json for LlamaForCausalLM (ArceeForCausalLM), keeping the first vocab_size tokens."""
     weights = llama_weights(model, vocab_size)
     if model.config.tie_embeddings:  # one tensor in the file; transformers ties lm_head to it
         del weights['lm_head.weight']
@@ -189,20 +195,21 @@ def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer):
     """model_args and model.py's state_dict for a transformers model, to fine-tune on meta's data
     (made by `tokenizer`, a tokenizer state): OpenAI's GPT-2 by name (gpt2,
     gpt2-medium, gpt2-large, gpt2-xl: from the local Hugging Face cache, else the hub), or a folder
-    holding a GPT-2 or a Llama as export.py writes them; its context cropped to block_size."""
+    holding a GPT-2, a Llama or an Arcee as export.py writes them; its context cropped to block_size."""
     from model import GPT, GPTConfig
     if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, 'config.json')):
         die(f"init_from={name_or_path} is a folder without a transformers model (no config.json): give a checkpoint "
             f"file such as {os.path.join(name_or_path, 'best.pt')}, or a folder export.py wrote")
     check_tokenizer(name_or_path, meta, tokenizer)
-    from transformers import AutoConfig, GPT2LMHeadModel, LlamaForCausalLM
+    from transformers import ArceeForCausalLM, AutoConfig, GPT2LMHeadModel, LlamaForCausalLM
     try:
         config = cached_or_hub(name_or_path, lambda **kw: AutoConfig.from_pretrained(name_or_path, **kw))
     except (OSError, ValueError) as e:
         die(f"cannot read the transformers model {name_or_path}: {str(e).splitlines()[0]}")
-    if config.model_type not in ('gpt2', 'llama'):
-        die(f"init_from={name_or_path} holds a {config.model_type} model; model.py's GPT reads GPT-2 and Llama "
-            "models (all that export.py writes)")
+    classes = {'gpt2': GPT2LMHeadModel, 'llama': LlamaForCausalLM, 'arcee': ArceeForCausalLM}
+    if config.model_type not in classes:
+        die(f"init_from={name_or_path} holds a {config.model_type} model; model.py's GPT reads GPT-2, Llama and "
+            "Arcee models (all that export.py writes)")
     gpt2 = config.model_type == 'gpt2'
     args = dict(n_layer=config.num_hidden_layers, n_head=config.num_attention_heads, n_embd=config.hidden_size,
                 block_size=block_size, vocab_size=config.vocab_size, dropout=dropout,
@@ -219,13 +226,14 @@ def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer):
         # transformers 5 keeps the rotary settings in rope_parameters, 4.x in rope_theta and rope_scaling
         rope = getattr(config, 'rope_parameters', None) or {
             'rope_theta': config.rope_theta, 'rope_type': (config.rope_scaling or {}).get('rope_type', 'default')}
-        args.update(LLAMA_SHAPE, bias=config.attention_bias, rope_theta=rope['rope_theta'])
+        relu2 = config.model_type == 'arcee'
+        args.update(ARCEE_SHAPE if relu2 else LLAMA_SHAPE, bias=config.attention_bias, rope_theta=rope['rope_theta'])
         head_dim = getattr(config, 'head_dim', None)
         differ = [(f'num_key_value_heads={config.num_key_value_heads}',
                    config.num_key_value_heads in (None, config.num_attention_heads)),
                   (f'head_dim={head_dim}', head_dim in (None, config.hidden_size // config.num_attention_heads)),
                   (f"rope_type={rope.get('rope_type')!r}", rope.get('rope_type', 'default') == 'default'),
-                  (f'hidden_act={config.hidden_act!r}', config.hidden_act == 'silu'),
+                  (f'hidden_act={config.hidden_act!r}', config.hidden_act == ('relu2' if relu2 else 'silu')),
                   (f'mlp_bias={config.mlp_bias} with attention_bias={config.attention_bias}',
                    config.mlp_bias == config.attention_bias)]
     eps = config.layer_norm_epsilon if gpt2 else config.rms_norm_eps
@@ -235,7 +243,7 @@ def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer):
             model = GPT(GPTConfig(**args))
         except ValueError as e:
             die(f"init_from={name_or_path} does not fit model.py's GPT: {e}")
-        if config.intermediate_size != model.transformer.h[0].mlp.hidden:  # model.py sizes its SwiGLU itself
+        if config.intermediate_size != model.transformer.h[0].mlp.hidden:  # model.py sizes its MLP itself
             differ.append(f'intermediate_size={config.intermediate_size}')
     if differ:
         die(f"init_from={name_or_path} has {', '.join(differ)}, which model.py's GPT does not implement")
@@ -247,7 +255,7 @@ def from_pretrained(name_or_path, meta, block_size, dropout, tokenizer):
             f"use --block_size={config.max_position_embeddings} or less")
     if meta['vocab_size'] > config.vocab_size:
         die(f"the data's vocabulary ({meta['vocab_size']} tokens) is larger than that of {name_or_path} ({config.vocab_size})")
-    hf_model = load_weights(name_or_path, GPT2LMHeadModel if gpt2 else LlamaForCausalLM, config)
+    hf_model = load_weights(name_or_path, classes[config.model_type], config)
     if gpt2:
         state = transposed({k: v.float() for k, v in hf_model.state_dict().items()})
         state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:block_size]

@@ -3,7 +3,8 @@ The GPT language model, in the shape of GPT-2 and nanoGPT (same module and param
 token + learned position embeddings, pre-LayerNorm blocks of causal self-attention and a GELU
 MLP, tied input/output embeddings. GPTConfig's options turn it into a Llama-style model piece by
 piece (rotary positions, RMSNorm, SwiGLU, no biases, a separate output layer); with all of them it
-maps one to one onto Hugging Face's LlamaForCausalLM. This file is the network and what training
+maps one to one onto Hugging Face's LlamaForCausalLM, and with ReLU² for SwiGLU onto its
+ArceeForCausalLM. This file is the network and what training
 needs of it; generation (the KV cache, sampling, fast inference kernels) is generate.py.
 """
 import inspect
@@ -110,16 +111,21 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP; with mlp='relu2' the same matrices around relu(x)^2 instead of GELU (ReLU², as
+    Arcee's AFM and modded-nanogpt have it)."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.hidden = 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, self.hidden, bias=config.bias)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.relu2 = config.mlp == 'relu2'
+        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_fc(x)
+        return self.dropout(self.c_proj(F.relu(x).square() if self.relu2 else self.gelu(x)))
 
 
 class SwiGLU(nn.Module):
@@ -164,7 +170,7 @@ class GPTConfig:
     bias: bool = True  # bias in Linears and LayerNorms, like GPT-2
     pos_emb: str = 'learned'  # 'learned' (GPT-2's wpe) or 'rope' (rotary, as Llama)
     norm: str = 'layernorm'  # 'layernorm' or 'rmsnorm' (Llama's; it never has a bias)
-    mlp: str = 'gelu'  # 'gelu' or 'swiglu' (Llama's)
+    mlp: str = 'gelu'  # 'gelu', 'swiglu' (Llama's) or 'relu2' (GELU's shape, relu(x)^2)
     tie_embeddings: bool = True  # the output layer reuses the token embedding, as GPT-2; False: its own
     rope_theta: float = 10000.0  # rotary base: pair i turns at rope_theta^(-2i/head_dim) per position
     attn_dropout: float | None = None  # dropout on the attention weights; None: dropout's (GPT-2 has one rate)
@@ -179,7 +185,7 @@ class GPTConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError(f"need 0 <= dropout < 1, got dropout={self.dropout!r}")
         for k, choices in (('pos_emb', ('learned', 'rope')), ('norm', ('layernorm', 'rmsnorm')),
-                           ('mlp', ('gelu', 'swiglu'))):
+                           ('mlp', ('gelu', 'swiglu', 'relu2'))):
             if getattr(self, k) not in choices:
                 raise ValueError(f"need {k} in {choices}, got {k}={getattr(self, k)!r}")
         if self.pos_emb == 'rope' and self.n_embd // self.n_head % 2:  # rotary turns pairs of a head's dimensions

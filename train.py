@@ -64,7 +64,7 @@ attn_dropout: float | None = None  # dropout on the attention weights, in [0, 1)
 bias = True  # biases in Linears and LayerNorms
 pos_emb = 'learned'  # 'learned' (GPT-2) or 'rope' (rotary, Llama)
 norm = 'layernorm'  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
-mlp = 'gelu'  # 'gelu' (GPT-2) or 'swiglu' (Llama; about as many weights)
+mlp = 'gelu'  # 'gelu' (GPT-2), 'swiglu' (Llama; about as many weights) or 'relu2' (GELU's shape, relu(x)^2)
 tie_embeddings = True  # the output layer reuses the token embedding (GPT-2); False gives it its own
 rope_theta = 10000.0  # rotary base (pos_emb='rope', > 0): larger turns slower, for longer contexts
 # optimizer: AdamW, or Muon for the matrices inside the blocks

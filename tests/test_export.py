@@ -185,6 +185,7 @@ LLAMA = dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', bias=False)
     (LLAMA, 'LlamaForCausalLM'),
     ({**LLAMA, 'tie_embeddings': False, 'vocab_size': 50304, 'rope_theta': 500.0}, 'LlamaForCausalLM'),
     ({**LLAMA, 'bias': True}, 'LlamaForCausalLM'),  # Llama's attention_bias and mlp_bias
+    ({**LLAMA, 'mlp': 'relu2'}, 'ArceeForCausalLM'),
 ])
 def test_each_architecture_exports_the_same_logits(tmp_path, options, arch):
     args = {**dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50257, dropout=0.0, bias=True), **options}
@@ -260,6 +261,7 @@ def test_init_from_a_folder_holding_a_pickle_refuses_it_in_one_line(data, tmp_pa
 @pytest.mark.parametrize('options', [
     dict(tie_embeddings=False),
     {**LLAMA, 'tie_embeddings': False, 'bias': True, 'rope_theta': 500.0},
+    {**LLAMA, 'mlp': 'relu2', 'bias': True},
 ])
 def test_init_from_an_export_gives_its_logits(data, tmp_path, options):
     args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50257, dropout=0.0, **options)

@@ -32,6 +32,7 @@ TINY = ['--batch_size=4', '--gradient_accumulation_steps=1', '--eval_iters=2', '
         '--learning_rate=1e-2', '--device=cpu', '--dtype=float32', '--block_size=32', '--dropout=0.0', '--n_layer=2',
         '--n_head=2', '--n_embd=32', '--max_iters=150', '--eval_interval=75', '--lr_decay_iters=150']
 LLAMA = ['--pos_emb=rope', '--norm=rmsnorm', '--mlp=swiglu', '--bias=False', '--rope_theta=1000.0', '--tie_embeddings=False']
+RECIPES = {'gpt2': [], 'llama': LLAMA, 'arcee': LLAMA + ['--mlp=relu2']}  # arcee: Llama's with ReLU² for SwiGLU
 STORIES = ['Once upon a time, there was a little cat named Tom. Tom liked milk and naps in the sun.',
            'Lily saw a big red ball. "Can I play?" she asked. Her mom said yes, and Lily smiled.',
            'The café had a dog 🐶 who loved cake. Every day, the dog waited by the door for a treat.']
@@ -66,7 +67,7 @@ def assert_error(result, *hints):
     assert last.startswith('error: ') and all(h in last for h in hints), result.stderr
 
 
-@pytest.fixture(scope='module', params=['gpt2/gpt2', 'gpt2/bpe', 'llama/gpt2', 'llama/bpe'])
+@pytest.fixture(scope='module', params=['gpt2/gpt2', 'gpt2/bpe', 'llama/gpt2', 'llama/bpe', 'arcee/bpe'])
 def model(request, tmp_path_factory):
     """A model of the recipe trained 150 steps on three stories in the tokenizer's tokens (recipe/tokenizer),
     and its f32 GGUF file."""
@@ -75,7 +76,7 @@ def model(request, tmp_path_factory):
     state = tokenizer.GPT2 if kind == 'gpt2' else {'name': 'bpe:300', 'json': tokenizer.train_bpe(STORIES * 5, 300)}
     data, out = root / 'data', root / 'out'
     enc = write_data(data, state, STORIES)
-    run('train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY, *(LLAMA if recipe == 'llama' else []))
+    run('train.py', f'--data_dir={data}', f'--out_dir={out}', *TINY, *RECIPES[recipe])
     result = run('export.py', f'--out_dir={out}', '--format=gguf')
     assert f'{out}/model-f32.gguf' in result.stdout
     return recipe, str(out), enc
@@ -86,6 +87,8 @@ def test_transformers_reads_it_with_model_pys_logits(model):
     recipe, out, enc = model
     if enc.name == 'gpt2':
         pytest.skip("the trained BPE's models cover both recipes, in a quarter of the time")
+    if recipe == 'arcee':
+        pytest.skip("transformers' GGUF reader has no arcee architecture")
     ours, _ = load_model(os.path.join(out, 'best.pt'))
     # transformers' GGUF reader takes a gpt2 file's context as n_ctx, not the n_positions its model is built
     # with, and GPT-2's tanh GELU (llama.cpp's too; model.py's is the exact one, as GPT2Config's 'gelu')
@@ -114,7 +117,7 @@ def test_the_file_says_what_it_holds(model):
     assert field('tinystories_gpt.iter_num') == 150 and field('tinystories_gpt.tokenizer') == enc.name
     assert field('tinystories_gpt.bits_per_byte') > 0  # the data is still there
     names = {t.name for t in reader.tensors}
-    assert 'output.weight' in names if recipe == 'llama' else 'output.weight' not in names  # untied, tied
+    assert 'output.weight' in names if recipe != 'gpt2' else 'output.weight' not in names  # untied, tied
 
 
 @needs_llama_cpp
@@ -155,13 +158,13 @@ def perplexity(model, ids, n_ctx, bos, n_chunks):
 @needs_llama_cpp
 def test_llama_cpps_perplexity_is_ours_and_smaller_types_keep_it_within_1_percent(model, tmp_path):
     recipe, out, enc = model
-    if (recipe, enc.name) not in (('gpt2', 'gpt2'), ('llama', 'bpe:300')):
-        pytest.skip('both architectures and both tokenizers are covered by the other two models')
+    if (recipe, enc.name) not in (('gpt2', 'gpt2'), ('llama', 'bpe:300'), ('arcee', 'bpe:300')):
+        pytest.skip('each architecture and both tokenizers are covered by the other three models')
     text = '\n'.join(STORIES[::-1] * 8)
     (tmp_path / 'stories.txt').write_text(text)
     ids = [enc.eot_token] + enc.encode_ordinary(text)
     gpt = load_model(os.path.join(out, 'best.pt'))[0]
-    for kind in ('f32', 'f16', 'bf16', 'q8_0') if recipe == 'llama' else ('f32', 'q8_0'):  # GPT-2's exports take longer
+    for kind in ('f32', 'f16', 'bf16', 'q8_0') if recipe == 'llama' else ('f32', 'q8_0'):  # the others' take longer
         path = f'{tmp_path}/{kind}.gguf'
         run('export.py', f'--out_dir={out}', '--format=gguf', f'--gguf_type={kind}', f'--gguf_file={path}')
         result = llama_cpp('llama-perplexity', '-m', path, '-f', str(tmp_path / 'stories.txt'), '-c', '32', '-b', '32', '-t', '1')

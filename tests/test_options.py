@@ -18,6 +18,7 @@ OPTIONS = {
     'rope': dict(pos_emb='rope'),
     'rmsnorm': dict(norm='rmsnorm'),
     'swiglu': dict(mlp='swiglu'),
+    'relu2': dict(mlp='relu2'),
     'no-bias': dict(bias=False),
     'untied': dict(tie_embeddings=False),
     'llama': LLAMA,
@@ -291,7 +292,8 @@ def test_a_nanogpt_checkpoint_loads_and_samples(tmp_path):
 
 # ---------------------------------------------------------------------------- Hugging Face Llama
 
-@pytest.mark.parametrize('options', [dict(tie_embeddings=False), dict(tie_embeddings=True, rope_theta=100.0)])
+@pytest.mark.parametrize('options', [dict(tie_embeddings=False), dict(tie_embeddings=True, rope_theta=100.0),
+                                     dict(mlp='relu2')])  # Llama with ReLU²: transformers' Arcee
 def test_the_llama_combination_is_hugging_face_llama(options):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=2, n_head=4, n_embd=64,
