@@ -1,6 +1,6 @@
-# cpu: the best recipe measured for 6 training minutes on 2 laptop cores (docs/recipe.md):
-# Llama-style blocks, Muon, a 4,096-token BPE trained on the stories, and three regularisers for
-# a few stories seen many times: weight decay 1.0, an average of the weights, BPE-dropout.
+# cpu: the best recipe measured for 1,750 steps on 2 laptop cores (docs/recipe.md): Llama-style blocks with
+# ReLU² for SwiGLU (Arcee's AFM), Muon, a 4,096-token BPE trained on the stories, and three regularisers
+# for a few stories seen many times: weight decay 1.0, an average of the weights, BPE-dropout.
 # 6 layers, 192 wide, 128-token context; 3.4M parameters (0.8M of them the token embedding).
 #   python prepare.py --source=../shared/data/tinystories/train-sample.txt \
 #       --val_source=../shared/data/tinystories/valid-sample.txt --tokenizer=bpe:4096 --bpe_dropout=0.1 \
@@ -14,7 +14,7 @@ block_size = 128  # context length in tokens
 bias = False
 pos_emb = 'rope'
 norm = 'rmsnorm'
-mlp = 'swiglu'
+mlp = 'relu2'  # relu(x)^2 between two matrices: as many weights and as fast a step as SwiGLU, and better here
 dropout = 0.1  # needed still: without it the model learns the stories by heart
 attn_dropout = 0.0  # but not on the attention weights: the same score, and 1.2x the steps
 optimizer = 'muon'  # the block matrices; the embedding and gains stay with AdamW

@@ -114,7 +114,7 @@ def test_data_of_another_tokenizer_is_refused(flow):
 
 
 def test_the_cpu_config_trains_and_samples_as_run_sh_runs_it(tmp_path):
-    # run.sh's recipe (Llama blocks, Muon, a trained BPE with BPE-dropout, compiled) for a few steps: the
+    # run.sh's recipe (Llama blocks with ReLU², Muon, a trained BPE with BPE-dropout, compiled) for a few steps: the
     # config's settings pass train.py's checks and the checkpoint holds its options and the average
     prepare(tmp_path, tmp_path / 'data', '--tokenizer=bpe:512', '--bpe_dropout=0.1')
     ok(run(tmp_path, 'train.py', 'config/cpu.py', f'--data_dir={tmp_path / "data"}', f'--out_dir={tmp_path / "out"}',
@@ -122,7 +122,7 @@ def test_the_cpu_config_trains_and_samples_as_run_sh_runs_it(tmp_path):
            '--block_size=32', '--dtype=float32', '--device=cpu'))
     ckpt = load_checkpoint(str(tmp_path / 'out' / 'best.pt'))
     args = ckpt['model_args']
-    assert (args['pos_emb'], args['norm'], args['mlp'], args['bias']) == ('rope', 'rmsnorm', 'swiglu', False)
+    assert (args['pos_emb'], args['norm'], args['mlp'], args['bias']) == ('rope', 'rmsnorm', 'relu2', False)
     assert ckpt['ema_updates'] == 3 and ckpt['trained_model'].keys() == ckpt['model'].keys()
     r = ok(run(tmp_path, 'sample.py', f'--out_dir={tmp_path / "out"}', '--num_samples=1', '--max_new_tokens=5',
                '--start=Once', '--dtype=float32', '--device=cpu'))
