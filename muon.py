@@ -27,7 +27,7 @@ class MuonWithAdamW:
     def step(self):
         """torch.optim.Muon's step on its own state, with the matrices of one shape orthogonalised
         together: one batched Newton-Schulz iteration per shape instead of one per matrix (for
-        config/cpu.py 4 instead of 24, 1.7x faster)."""
+        config/cpu.py 4 instead of 24: 42 ms a step against torch's 47, docs/recipe.md)."""
         for group in self.muon.param_groups:
             by_shape = {}
             for p in group['params']:
