@@ -120,9 +120,10 @@ def llama_weights(model, vocab_size):
 
 def to_llama(model):
     """The LlamaForCausalLM (ArceeForCausalLM) that computes what model.py's GPT with Llama's options computes."""
-    from transformers import ArceeForCausalLM, LlamaForCausalLM
+    import transformers
     cfg = model.config
-    llama = (ArceeForCausalLM if cfg.mlp == 'relu2' else LlamaForCausalLM)(llama_config(cfg, model.transformer.h[0].mlp.hidden, cfg.vocab_size))
+    config = llama_config(cfg, model.transformer.h[0].mlp.hidden, cfg.vocab_size)
+    llama = getattr(transformers, config.architectures[0])(config)  # the class llama_config names
     llama.load_state_dict({k: v.clone() for k, v in llama_weights(model, cfg.vocab_size).items()}, strict=True)
     return llama.eval()
 
