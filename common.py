@@ -221,6 +221,12 @@ def load_model(path, device='cpu'):
 
 
 
+def compiled_folder(path):
+    """Where sample.py and serve.py keep the compiled decoding code (generate.aot_compiled) for the
+    checkpoint at path: compiled/NAME beside it."""
+    return os.path.join(os.path.dirname(path), 'compiled', os.path.splitext(os.path.basename(path))[0])
+
+
 def load_for_generation(path, device='cpu', dtype='float32', int8=False):
     """A train.py checkpoint's model made ready to generate with, its tokenizer and the checkpoint:
     the weights cast to dtype, then laid out for decoding (layouts.py): int8, or the CPU's faster

@@ -7,11 +7,19 @@ call (the weights' layouts for decoding are layouts.py's, swapped in when a scri
 The network knows only that a cache may take over its attention (positions and attend): KVCache
 holds rows at one position, RowCache rows at their own, for Rows (requests decoded together: serve.py).
 """
+import hashlib
+import io
 import math
+import os
+import sys
+import weakref
 from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
+
+import layouts
+from common import atomic_output, log
 
 
 class KVCache:
@@ -72,48 +80,129 @@ def next_tokens(model, token, pos, layers, u, seen, done, temperature, top_k, to
     return token
 
 
-def compiled_for(model, fn, mode=None):
-    """fn, a decoding step of model, compiled by torch.compile, one graph per shape (dynamic=False). On
-    the CPU inductor freezes model's weights into it as constants (later changes to them go unseen),
-    which it lays out for its own matrix kernels and fuses with the ops around them, and its C++
-    wrapper calls the kernels without Python between them."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    if model.transformer.wte.weight.device.type != 'cpu':
-        return compiled
-    # inductor picks each product's kernel by timing its own C++ one against oneDNN's, quietly.
-    # Given as torch.compile(options=...) these settings freeze the weights but leave every
-    # product to plain ATen (torch 2.13); patched around each call they also reach recompiles
-    settings = torch._inductor.config.patch(
-        freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN', cpp_wrapper=True,
-        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+class Step(torch.nn.Module):
+    """next_tokens for torch.export, its settings fixed and its tensors flat: forward(token, pos, u, seen,
+    done, keys0, values0, keys1, ...)."""
 
-    def step(*args):
-        with settings:
-            return compiled(*args)
-    return step
+    def __init__(self, model, options):
+        super().__init__()
+        self.model, self.options = model, options
+
+    def forward(self, token, pos, u, seen, done, *layers):
+        return next_tokens(self.model, token, pos, list(zip(layers[0::2], layers[1::2])), u, seen, done, *self.options)
 
 
-def compiled_step(model):
-    """next_tokens through compiled_for for the model's weights as they are now (the compiled code is
-    made on first use and kept on the model); on CUDA the step is one CUDA graph (mode='reduce-overhead').
-    Frozen weights would not notice a change, so the storage and versions of the weights (and
-    buffers: int8 weights are) are an argument the compiled code is guarded on: a weight that changes afterwards (an optimizer step,
-    load_state_dict) compiles it again."""
+class Prefill(torch.nn.Module):
+    """A cache (keys0, values0, keys1, ...) filled with idx (B, T) from position 0, for torch.export, which
+    makes one program for every T from 2 to block_size - 1 (a window but its newest token); returns the last position's hidden state."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.options = model, None
+
+    def forward(self, idx, *layers):
+        return self.model.hidden_states(idx, KVCache(list(zip(layers[0::2], layers[1::2]))))[:, -1]
+
+
+class Logits(torch.nn.Module):
+    """Rows' step, for torch.export: the logits (B, vocab) after each row's token next (B,) at its
+    position pos (B,) over the cache (keys0, values0, ...), which takes them in."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.options = model, None
+
+    def forward(self, next, pos, *layers):
+        x = self.model.hidden_states(next[:, None], RowCache(list(zip(layers[0::2], layers[1::2])), pos))
+        return self.model.lm_head(x[:, -1, :]).float()
+
+
+def package_name(module, args):
+    """The file name of module's AOTInductor package for args: its kind, a hash of the weights, then one
+    of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
+    torch, the CPU and the threads it runs on)."""
+    weights = hashlib.sha256()
+    for t in module.state_dict().values():
+        weights.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
+                                module.options, [(a.shape, a.stride(), a.dtype) for a in args])).encode())
+    for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[__name__]):
+        with open(source.__file__, 'rb') as f:
+            rest.update(f.read())
+    return f"{type(module).__name__.lower()}-{weights.hexdigest()[:16]}-{rest.hexdigest()[:16]}.pt2"
+
+
+COMPILED = weakref.WeakKeyDictionary()  # a model's compiled code, aot_compiled's (not on the model: torch.export copies its attributes)
+
+
+def aot_compiled(module, args, store=None):
+    """module (Step, Prefill or Logits) compiled ahead of time for args by AOTInductor into one C++ call
+    (inductor's freezing and max_autotune C++ GEMMs, the weights frozen in as constants): returns
+    run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
+    (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
+    the package is kept there too, and another process loads it in a fraction of a second instead of
+    compiling (~30 s); packages of other weights are removed from it when a new one is written."""
+    model = module.model
+    weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
+    shaped = args[1:] if isinstance(module, Prefill) else args  # a Prefill serves every length of idx
+    key = (type(module), weights, module.options, tuple((a.shape, a.dtype) for a in shaped), torch.get_num_threads())
+    kept = COMPILED.setdefault(model, {})
+    if key in kept:
+        return kept[key]
+    for old in [k for k in kept if k[1] != weights]:
+        del kept[old]
+    name = package_name(module, shaped)
+    path = store and os.path.join(store, name)
+    if path and os.path.exists(path):
+        package = path
+    else:
+        dims = ({1: torch.export.Dim('T', min=2, max=model.config.block_size - 1)}, (None,) * (len(args) - 1))
+        exported = torch.export.export(module.eval(), tuple(args), strict=False,
+                                       dynamic_shapes=dims if isinstance(module, Prefill) else None)
+        settings = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
+                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+        package = io.BytesIO()
+        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=settings)
+        package.seek(0)
+        if path:
+            try:
+                os.makedirs(store, exist_ok=True)
+                with atomic_output(path) as tmp, open(tmp, 'wb') as f:
+                    f.write(package.getbuffer())
+                for old in os.listdir(store):  # packages of other weights: an earlier checkpoint's
+                    if old.endswith('.pt2') and old.count('-') == 2 and old.split('-')[1] != name.split('-')[1]:
+                        os.remove(os.path.join(store, old))
+            except OSError as e:
+                log(f"warning: cannot keep the compiled step in {store} ({e.strerror or e}): it is compiled again next time")
+    kept[key] = torch._inductor.aoti_load_package(package, run_single_threaded=True).loader.run
+    return kept[key]
+
+
+def compiled_step(model, options, args, store=None):
+    """next_tokens with options (temperature, top_k, top_p, repetition_penalty, eos_token) for args
+    (token, pos, u, seen, done, keys0, values0, ...: as Step's forward) as one call of compiled code:
+    returns step(*args) -> the next tokens, moving pos, seen, done and the cache on in place. On the
+    CPU it is aot_step's (kept in store, if given); elsewhere torch.compile's, on CUDA one CUDA graph
+    (mode='reduce-overhead'), made on first use and kept on the model. Either is made for the weights
+    as they are now, and made again when they change (an optimizer step, load_state_dict)."""
+    if model.transformer.wte.weight.device.type == 'cpu':
+        run = aot_compiled(Step(model, options), args, store)
+        return lambda *args: run(list(args))[0]
+    weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
     cuda = model.transformer.wte.weight.device.type == 'cuda'
     if getattr(model, 'compiled_next_tokens', None) is None:
-        def step(weights, *args):
+        def step(weights, options, token, pos, u, seen, done, *layers):
             if not weights:  # read, so that torch.compile guards on it (it leaves an argument unread unguarded)
                 raise ValueError("a model without weights")
-            return next_tokens(model, *args)
-        model.compiled_next_tokens = compiled_for(model, step, mode='reduce-overhead' if cuda else None)
+            return next_tokens(model, token, pos, list(zip(layers[0::2], layers[1::2])), u, seen, done, *options)
+        model.compiled_next_tokens = torch.compile(step, fullgraph=True, dynamic=False, mode='reduce-overhead' if cuda else None)
     compiled = model.compiled_next_tokens
-    weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
 
     def step(*args):
         if cuda:  # a new replay of the graph, whose output the caller keeps past the next one
             torch.compiler.cudagraph_mark_step_begin()
-            return compiled(weights, *args).clone()
-        return compiled(weights, *args)
+            return compiled(weights, options, *args).clone()
+        return compiled(weights, options, *args)
     return step
 
 
@@ -192,14 +281,15 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     in one pass. window_shift=1 gives exactly the no-cache result; larger shifts re-read
     less often, at the cost of a shorter context (at least block_size - window_shift + 1)
     for the tokens right after a shift. compile=True makes each token one call of compiled_step:
-    slow to start (tens of seconds on a CPU, again for other sampling settings), then faster per token.
+    slow to start (tens of seconds on a CPU, again for other sampling settings), then faster per token;
+    compile=FOLDER keeps the CPU's compiled step there, which a later stream loads in under a second.
     """
     block_size = model.config.block_size
     window_shift = window_shift_for(window_shift, block_size)
     check_options(temperature, top_k, top_p, repetition_penalty, window_shift, block_size)
     if compile and use_cache:
         yield from compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   eos_token, window_shift)
+                                   eos_token, window_shift, None if compile is True else compile)
         return
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     # eager on the CPU the cache stays float32 under bf16 weights: SDPA's bf16 kernel for one
@@ -231,28 +321,37 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
             break
 
 
-def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token, window_shift):
-    """stream's tokens, each from one call of compiled_step: the Python between two tokens is a draw
-    of random numbers, the call and a copy. The prompt, and the window when it slides, are read eagerly."""
+def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token, window_shift,
+                    store=None):
+    """stream's tokens, each from one call of compiled_step (kept in store, a folder, if given): the
+    Python between two tokens is a draw of random numbers, the call and a copy. The prompt, and the
+    window when it slides, are read eagerly."""
     (B, T), block_size, device = idx.shape, model.config.block_size, idx.device
-    step = compiled_step(model)
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # for re-reading the window
     tokens[:, :T] = idx
     # zeros: the step weighs the positions past each row's by 0, and 0 * NaN (torch.empty's garbage) is NaN
-    layers = [(k.zero_(), v.zero_()) for k, v in KVCache.empty(model.config, B, device, model.transformer.wte.weight.dtype).layers]
+    layers = [t.zero_() for kv in KVCache.empty(model.config, B, device, model.transformer.wte.weight.dtype).layers for t in kv]
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device).scatter_(1, idx, True)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    sampled = temperature >= torch.finfo(torch.float32).tiny  # else greedy, which draws nothing (as sample_logits)
+    sampled = temperature >= torch.finfo(torch.float32).tiny  # else greedy, which reads no draws (as sample_logits)
+    u, token, positions = torch.zeros(B, 1, device=device), idx[:, -1:].clone(), torch.zeros(B, dtype=torch.long, device=device)
+    step = compiled_step(model, (temperature, top_k, top_p, repetition_penalty, eos_token),
+                         (token, positions, u, seen, done, *layers), store)
+    prefill = Prefill(model)
+    if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size):  # AOTInductor's too, where it is read
+        run = aot_compiled(prefill, (tokens.new_zeros(B, 2), *layers), store)
+        prefill = lambda idx, *layers: run([idx.contiguous(), *layers]) if idx.size(1) > 1 else Prefill(model)(idx, *layers)
     n, pos = T, block_size  # tokens so far; the cached positions, here a full cache, to read the prompt
     for _ in range(max_new_tokens):
         if pos == block_size:  # (re)start from the last tokens: all but the newest read in one pass
             window = tokens[:, max(0, n - (block_size if n == T else block_size - window_shift + 1)):n]
             if window.size(1) > 1:
-                model.hidden_states(window[:, :-1], KVCache(layers))
+                prefill(window[:, :-1], *layers)
             pos, token = window.size(1) - 1, window[:, -1:].clone(memory_format=torch.contiguous_format)  # strides as the step's own: one graph
-            positions = torch.full((B,), pos, device=device)
-        u = torch.rand(B, 1, device=device) if sampled else None
-        token = step(token, positions, layers, u, seen, done, temperature, top_k, top_p, repetition_penalty, eos_token)
+            positions.fill_(pos)
+        if sampled:
+            u = torch.rand(B, 1, device=device)
+        token = step(token, positions, u, seen, done, *layers)
         tokens[:, n:n + 1] = token
         n, pos = n + 1, pos + 1
         yield token
@@ -295,15 +394,16 @@ class Rows:
     each sits at its own position, with its own sampling settings and random generator, and slides
     its own window past block_size; a row joins (add) or leaves (remove) between steps, and takes the
     lowest free slot. A step decodes the slots up to the highest in use, free ones as padding, rounded
-    up to one of a few widths: powers of two, or with compile=True (torch.compile, a graph a width,
-    each slow to make) one row or max_rows. fixed_batch=True always decodes all max_rows, so that a
+    up to one of a few widths: powers of two, or with compile (compiled_step's way; a folder keeps the
+    code as stream's does) one row or max_rows, each slow to make the first time. fixed_batch=True always decodes all max_rows, so that a
     row's tokens never depend on the others (in float32 the same alone as in a full batch), where
     otherwise the kernels for another batch size may round differently. A prompt is read alone. Not
     thread-safe."""
 
     def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False):
-        self.model = model
-        self.logits = compiled_for(model, self.eager_logits) if compile else self.eager_logits
+        self.model, self.compile, self.store, self.runs = model, compile, None if compile is True else compile, {}
+        if compile and model.transformer.wte.weight.device.type != 'cpu':
+            self.compiled = torch.compile(Logits(model), fullgraph=True, dynamic=False)
         self.block_size = model.config.block_size
         self.window_shift = window_shift_for(window_shift, self.block_size)
         check_options(window_shift=self.window_shift, block_size=self.block_size)
@@ -339,21 +439,31 @@ class Rows:
     @torch.no_grad()
     def read(self, slot, ids):
         """Fill slot's cache with all of ids but the last, alone, which the next step feeds."""
-        if len(ids) > 1:
-            cache = KVCache([(k[slot:slot + 1], v[slot:slot + 1]) for k, v in self.layers])  # views of slot's row
-            self.model.hidden_states(torch.tensor([ids[:-1]], device=self.device), cache)
+        layers = [t[slot:slot + 1] for kv in self.layers for t in kv]  # views of slot's row
+        idx = torch.tensor([ids[:-1]], device=self.device)
+        if len(ids) > 2 and self.compile and self.device.type == 'cpu':
+            aot_compiled(Prefill(self.model), (idx, *layers), self.store)([idx, *layers])
+        elif len(ids) > 1:
+            Prefill(self.model)(idx, *layers)
         self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
 
     @torch.no_grad()
     def warm(self):
-        """Make the step of every width (compile=True: before the first rows, which would wait for it)."""
+        """Make the step of every width and the prompts' read (compile: before the first rows, which would
+        wait for them)."""
+        self.read(0, [0] * 3)  # into a free slot, which add overwrites
         for n in self.widths:
             self.logits(torch.zeros(n, dtype=torch.long, device=self.device), torch.zeros(n, dtype=torch.long, device=self.device))
 
-    def eager_logits(self, next, pos):
-        layers = [(k[:len(next)], v[:len(next)]) for k, v in self.layers]  # the first len(next) slots
-        x = self.model.hidden_states(next[:, None], RowCache(layers, pos))
-        return self.model.lm_head(x[:, -1, :]).float()
+    def logits(self, next, pos):
+        args = [next, pos] + [t[:len(next)] for kv in self.layers for t in kv]  # the first len(next) slots
+        if not self.compile:
+            return Logits(self.model)(*args)
+        if self.device.type != 'cpu':
+            return self.compiled(*args)
+        if len(next) not in self.runs:
+            self.runs[len(next)] = aot_compiled(Logits(self.model), args, self.store)
+        return self.runs[len(next)](args)[0]
 
     @torch.no_grad()
     def step(self):

@@ -12,8 +12,8 @@ import time
 
 import torch
 
-from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_for_generation,
-                    log, set_threads)
+from common import (check_compiler, checkpoint_path, compiled_folder, die, get_device, get_dtype, keep_freed_memory,
+                    load_for_generation, log, set_threads)
 from generate import check_options, generate, stream, window_shift_for
 from tokenizer import decode_utf8, prompt_ids
 
@@ -32,7 +32,8 @@ window_shift: int | None = None  # past block_size, forget this many oldest toke
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
-compile = False  # torch.compile the decoding step with its sampling (generate.compiled_step): 15-50 s to start on a 2-core CPU, then 1.2-4.5x the tokens/s
+compile = False  # compile the decoding step with its sampling (generate.compiled_step): on the CPU ~30-50 s the first time for a
+# checkpoint and settings, kept in compiled/ beside the checkpoint, then under a second to start; then 2-6x eager's tokens/s
 int8 = False  # int8 weights (one scale per output): half bf16's bytes a token, for models large enough that reading weights bounds it; a little less exact
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 # -----------------------------------------------------------------------------
@@ -79,12 +80,12 @@ if __name__ == '__main__':  # a plain script
             f"the model sees only its last {block_size}")
         ids = ids[-block_size:]
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    options.update(eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift, compile=compile)
+    options.update(eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift, compile=compile and compiled_folder(path))
 
     if compile:  # before the clock starts: the speed logged below is the stories'
         t0 = time.time()
         generate(model, x, 3, **options)  # the same settings: the compiled step is made for them
-        log(f"compiled the decoding step in {time.time() - t0:.0f} s")
+        log(f"the compiled decoding step is ready in {time.time() - t0:.1f} s")
     torch.manual_seed(seed)
     t0 = time.time()
     new = [[] for _ in range(num_samples)]  # every story's new tokens, as they come

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from batching import Batcher
-from common import (check_compiler, checkpoint_path, die, get_device, get_dtype, keep_freed_memory, load_for_generation,
-                    log, set_threads)
+from common import (check_compiler, checkpoint_path, compiled_folder, die, get_device, get_dtype, keep_freed_memory,
+                    load_for_generation, log, set_threads)
 from generate import Rows
 from serve_limits import connection, open_files, out_of_files
 from tokenizer import prompt_ids
@@ -49,7 +49,7 @@ request_timeout = 20.0  # seconds a connection has to send a whole request, head
 int8 = False  # as sample.py: int8 weights, for models large enough that reading weights bounds a step
 threads = 0  # CPU threads torch computes with; 0: one per core but one, left to the web server (docs/serving.md)
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
-compile = False  # torch.compile the batched decoding step: slower to start (tens of seconds on a CPU), then faster steps
+compile = False  # compile the batched decoding step (generate.Rows): on the CPU ~1-2 min the first time for a checkpoint, kept in compiled/ beside it, then seconds to start; faster steps
 fixed_batch = False  # decode all max_batch rows every step: a request's text (float32) never depends on the others in flight, at a slower step with few
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -76,7 +76,8 @@ if compile:
 path = checkpoint_path(out_dir, ckpt)
 model, enc, _ = load_for_generation(path, device, dtype, int8)
 try:
-    rows = Rows(model, max_rows=max_batch, window_shift=window_shift, compile=compile, fixed_batch=fixed_batch)
+    rows = Rows(model, max_rows=max_batch, window_shift=window_shift, compile=compile and compiled_folder(path),
+                fixed_batch=fixed_batch)
 except ValueError as e:
     die(str(e))
 if compile:  # before the first request, which would otherwise wait for it

@@ -28,19 +28,27 @@ def test_eager_cpu_cache_is_float32_under_bf16_weights_and_the_activations_stay_
 
 
 @pytest.mark.parametrize('options', [{}, dict(pos_emb='rope', norm='rmsnorm', mlp='swiglu', tie_embeddings=False)])
-def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(options):
-    # fp32 greedy through torch.compile's step equals nanoGPT's re-reading of the window, past a
-    # slide of the window too (block_size 16); then a weight changed in place (the frozen copy
-    # would be stale) is followed
+def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(options, tmp_path, monkeypatch):
+    # fp32 greedy through the compiled step equals nanoGPT's re-reading of the window, past a slide
+    # of the window too (block_size 16); then a weight changed in place (the frozen copy would be
+    # stale) is followed. The packages kept in a folder serve another model of the same weights
+    # without compiling, and a new weight's replace the old ones
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, **options)).eval()
-    idx = torch.randint(97, (2, 5))
+    config = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, **options)
+    model, idx, kept = GPT(config).eval(), torch.randint(97, (2, 5)), []
     for changed in (False, True):
         if changed:
             train_step(model, idx)
             model.eval()
         full = generate(model, idx, 20, temperature=0, use_cache=False)
-        assert torch.equal(generate(model, idx, 20, temperature=0, compile=True), full)
+        assert torch.equal(generate(model, idx, 20, temperature=0, compile=str(tmp_path)), full)
+        kept.append(sorted(p.name for p in tmp_path.iterdir()))
+    assert [name.split('-')[0] for name in kept[0]] == ['prefill', 'step'] and not set(kept[0]) & set(kept[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == kept[1]
+    monkeypatch.setattr(torch._inductor, 'aoti_compile_and_package', None)  # compiling now fails
+    twin = GPT(config).eval()
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(generate(twin, idx, 20, temperature=0, compile=str(tmp_path)), full)
 
 
 @pytest.mark.parametrize('prompt_len', [5, 16, 23])
