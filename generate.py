@@ -7,6 +7,7 @@ call (the weights' layouts for decoding are layouts.py's, swapped in when a scri
 The network knows only that a cache may take over its attention (positions and attend): KVCache
 holds rows at one position, RowCache rows at their own, for Rows (requests decoded together: serve.py).
 """
+import glob
 import hashlib
 import io
 import math
@@ -132,6 +133,7 @@ def package_name(module, args):
     return f"{type(module).__name__.lower()}-{weights.hexdigest()[:16]}-{rest.hexdigest()[:16]}.pt2"
 
 
+KEEP = 8  # packages kept in a folder, the last used: other settings, or code since changed
 COMPILED = weakref.WeakKeyDictionary()  # a model's compiled code, aot_compiled's (not on the model: torch.export copies its attributes)
 
 
@@ -141,7 +143,7 @@ def aot_compiled(module, args, store=None):
     run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
     (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
     the package is kept there too, and another process loads it in a fraction of a second instead of
-    compiling (~30 s); packages of other weights are removed from it when a new one is written."""
+    compiling (~30 s); when one is written, those of other weights and all but the KEEP last used are removed."""
     model = module.model
     weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
     shaped = args[1:] if isinstance(module, Prefill) else args  # a Prefill serves every length of idx
@@ -155,6 +157,7 @@ def aot_compiled(module, args, store=None):
     path = store and os.path.join(store, name)
     if path and os.path.exists(path):
         package = path
+        os.utime(path)  # used: the newest are kept
     else:
         dims = ({1: torch.export.Dim('T', min=2, max=model.config.block_size - 1)}, (None,) * (len(args) - 1))
         exported = torch.export.export(module.eval(), tuple(args), strict=False,
@@ -169,9 +172,11 @@ def aot_compiled(module, args, store=None):
                 os.makedirs(store, exist_ok=True)
                 with atomic_output(path) as tmp, open(tmp, 'wb') as f:
                     f.write(package.getbuffer())
-                for old in os.listdir(store):  # packages of other weights: an earlier checkpoint's
-                    if old.endswith('.pt2') and old.count('-') == 2 and old.split('-')[1] != name.split('-')[1]:
-                        os.remove(os.path.join(store, old))
+                # the packages of other weights (an earlier checkpoint's), and all but the KEEP last used
+                packages = sorted((os.path.getmtime(p), p) for p in glob.glob(os.path.join(store, '*-*-*.pt2')))
+                for i, (_, old) in enumerate(reversed(packages)):
+                    if i >= KEEP or os.path.basename(old).split('-')[1] != name.split('-')[1]:
+                        os.remove(old)
             except OSError as e:
                 log(f"warning: cannot keep the compiled step in {store} ({e.strerror or e}): it is compiled again next time")
     kept[key] = torch._inductor.aoti_load_package(package, run_single_threaded=True).loader.run
