@@ -352,14 +352,19 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
                    f'--compile={use_compile}', f'--threads={n_threads}')
         return float(re.findall(r'([\d.]+) tokens/s', done.stderr)[-1])
 
-    def theirs(path, b):  # llama-bench for one story, llama-batched-bench for several (its generation speed)
+    def theirs(path, b, tries=3):  # llama-bench for one story, llama-batched-bench for several (its generation speed)
         if b == 1:
             done = run(os.path.join(tools, 'llama-bench'), '-m', path, '-t', n_threads, '-p', '0', '-n', str(peer_tokens),
                        '-r', '3', '-o', 'json')
-            return json.loads(done.stdout)[0]['avg_ts']
-        done = run(os.path.join(tools, 'llama-batched-bench'), '-m', path, '-t', n_threads, '-c', str(b * (peer_tokens + 8)),
-                   '-npp', '4', '-ntg', str(peer_tokens), '-npl', str(b), '--output-format', 'jsonl')
-        return json.loads(done.stdout.strip().splitlines()[-1])['speed_tg']
+        else:
+            done = run(os.path.join(tools, 'llama-batched-bench'), '-m', path, '-t', n_threads, '-c',
+                       str(b * (peer_tokens + 8)), '-npp', '4', '-ntg', str(peer_tokens), '-npl', str(b), '--output-format', 'jsonl')
+        try:
+            return json.loads(done.stdout)[0]['avg_ts'] if b == 1 else json.loads(done.stdout.strip().splitlines()[-1])['speed_tg']
+        except (ValueError, IndexError, KeyError):  # llama.cpp's tools sometimes exit 0 before writing it all out
+            if tries == 1:
+                die(f"llama.cpp's {'llama-bench' if b == 1 else 'llama-batched-bench'} printed no figure three times")
+            return theirs(path, b, tries - 1)
 
     spread = lambda xs: f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
     with tempfile.TemporaryDirectory() as folder:

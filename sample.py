@@ -32,8 +32,8 @@ window_shift: int | None = None  # past block_size, forget this many oldest toke
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
-compile = False  # compile the decoding step with its sampling (generate.compiled_step): on the CPU ~30-50 s the first time for a
-# checkpoint and settings, kept in compiled/ beside the checkpoint, then under a second to start; then 2-6x eager's tokens/s
+compile = False  # compile the decoding step with its sampling (generate.compiled_step): on the CPU ~1 min the first time for a
+# checkpoint and settings, kept in compiled/ beside the checkpoint, then about a second to start; 2.5-14x eager's tokens/s
 int8 = False  # int8 weights (one scale per output): half bf16's bytes a token, for models large enough that reading weights bounds it; a little less exact
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 # -----------------------------------------------------------------------------
