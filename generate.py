@@ -1,7 +1,7 @@
 """
 Generation with a model from model.py: a KV cache (the prompt is read once, then each new token
-costs one position's pass), sampling, and a token's whole step compiled by torch.compile into one
-call (the weights' layouts for decoding are layouts.py's, swapped in when a script loads a model).
+costs one position's pass), sampling, and a token's whole step compiled into one call (on the CPU
+ahead of time by AOTInductor, its package kept for later runs; the weights' layouts for decoding are layouts.py's, swapped in when a script loads a model).
   from generate import generate
   out = generate(model, idx, 100, temperature=0.8, top_k=200)  # idx (B, T) -> (B, T + up to 100)
 The network knows only that a cache may take over its attention (positions and attend): KVCache
@@ -95,7 +95,8 @@ class Step(torch.nn.Module):
 
 class Prefill(torch.nn.Module):
     """A cache (keys0, values0, keys1, ...) filled with idx (B, T) from position 0, for torch.export, which
-    makes one program for every T from 2 to block_size - 1 (a window but its newest token); returns the last position's hidden state."""
+    makes one program for every T from 2 to block_size - 1 (a window but its newest token); returns the
+    last position's hidden state."""
 
     def __init__(self, model):
         super().__init__()
@@ -134,7 +135,8 @@ def package_name(module, args):
 
 
 KEEP = 8  # packages kept in a folder, the last used: other settings, or code since changed
-COMPILED = weakref.WeakKeyDictionary()  # a model's compiled code, aot_compiled's (not on the model: torch.export copies its attributes)
+# a model's compiled programs, aot_compiled's (not an attribute of the model: torch.export copies those)
+COMPILED = weakref.WeakKeyDictionary()
 
 
 def aot_compiled(module, args, store=None):
@@ -143,7 +145,8 @@ def aot_compiled(module, args, store=None):
     run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
     (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
     the package is kept there too, and another process loads it in a fraction of a second instead of
-    compiling (~30 s); when one is written, those of other weights and all but the KEEP last used are removed."""
+    compiling (~30 s); when one is written, those of other weights and all but the KEEP last used are
+    removed."""
     model = module.model
     weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
     shaped = args[1:] if isinstance(module, Prefill) else args  # a Prefill serves every length of idx
@@ -187,7 +190,7 @@ def compiled_step(model, options, args, store=None):
     """next_tokens with options (temperature, top_k, top_p, repetition_penalty, eos_token) for args
     (token, pos, u, seen, done, keys0, values0, ...: as Step's forward) as one call of compiled code:
     returns step(*args) -> the next tokens, moving pos, seen, done and the cache on in place. On the
-    CPU it is aot_step's (kept in store, if given); elsewhere torch.compile's, on CUDA one CUDA graph
+    CPU it is aot_compiled's (kept in store, if given); elsewhere torch.compile's, on CUDA one CUDA graph
     (mode='reduce-overhead'), made on first use and kept on the model. Either is made for the weights
     as they are now, and made again when they change (an optimizer step, load_state_dict)."""
     if model.transformer.wte.weight.device.type == 'cpu':
@@ -330,7 +333,7 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
                     store=None):
     """stream's tokens, each from one call of compiled_step (kept in store, a folder, if given): the
     Python between two tokens is a draw of random numbers, the call and a copy. The prompt, and the
-    window when it slides, are read eagerly."""
+    window when it slides, are read in one pass (on the CPU a Prefill compiled by aot_compiled)."""
     (B, T), block_size, device = idx.shape, model.config.block_size, idx.device
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # for re-reading the window
     tokens[:, :T] = idx
