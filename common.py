@@ -222,7 +222,7 @@ def load_model(path, device='cpu'):
 
 
 def compiled_folder(path):
-    """Where sample.py and serve.py keep the compiled decoding code (generate.aot_compiled) for the
+    """Where sample.py and serve.py keep the compiled decoding code (compiled.aot_compiled) for the
     checkpoint at path: compiled/NAME beside it."""
     return os.path.join(os.path.dirname(path), 'compiled', os.path.splitext(os.path.basename(path))[0])
 

@@ -7,20 +7,13 @@ ahead of time by AOTInductor, its package kept for later runs; the weights' layo
 The network knows only that a cache may take over its attention (positions and attend): KVCache
 holds rows at one position, RowCache rows at their own, for Rows (requests decoded together: serve.py).
 """
-import glob
-import hashlib
-import io
 import math
-import os
-import sys
-import weakref
 from typing import NamedTuple
 
 import torch
 from torch.nn import functional as F
 
-import layouts
-from common import atomic_output, log
+from compiled import aot_compiled
 
 
 class KVCache:
@@ -117,73 +110,6 @@ class Logits(torch.nn.Module):
     def forward(self, next, pos, *layers):
         x = self.model.hidden_states(next[:, None], RowCache(list(zip(layers[0::2], layers[1::2])), pos))
         return self.model.lm_head(x[:, -1, :]).float()
-
-
-def package_name(module, args):
-    """The file name of module's AOTInductor package for args: its kind, a hash of the weights, then one
-    of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
-    torch, the CPU and the threads it runs on)."""
-    weights = hashlib.sha256()
-    for t in module.state_dict().values():
-        weights.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
-    rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
-                                module.options, [(a.shape, a.stride(), a.dtype) for a in args])).encode())
-    for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[__name__]):
-        with open(source.__file__, 'rb') as f:
-            rest.update(f.read())
-    return f"{type(module).__name__.lower()}-{weights.hexdigest()[:16]}-{rest.hexdigest()[:16]}.pt2"
-
-
-KEEP = 8  # packages kept in a folder, the last used: other settings, or code since changed
-# a model's compiled programs, aot_compiled's (not an attribute of the model: torch.export copies those)
-COMPILED = weakref.WeakKeyDictionary()
-
-
-def aot_compiled(module, args, store=None):
-    """module (Step, Prefill or Logits) compiled ahead of time for args by AOTInductor into one C++ call
-    (inductor's freezing and max_autotune C++ GEMMs, the weights frozen in as constants): returns
-    run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
-    (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
-    the package is kept there too, and another process loads it in a fraction of a second instead of
-    compiling (~30 s); when one is written, those of other weights and all but the KEEP last used are
-    removed."""
-    model = module.model
-    weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
-    shaped = args[1:] if isinstance(module, Prefill) else args  # a Prefill serves every length of idx
-    key = (type(module), weights, module.options, tuple((a.shape, a.dtype) for a in shaped), torch.get_num_threads())
-    kept = COMPILED.setdefault(model, {})
-    if key in kept:
-        return kept[key]
-    for old in [k for k in kept if k[1] != weights]:
-        del kept[old]
-    name = package_name(module, shaped)
-    path = store and os.path.join(store, name)
-    if path and os.path.exists(path):
-        package = path
-        os.utime(path)  # used: the newest are kept
-    else:
-        dims = ({1: torch.export.Dim('T', min=2, max=model.config.block_size - 1)}, (None,) * (len(args) - 1))
-        exported = torch.export.export(module.eval(), tuple(args), strict=False,
-                                       dynamic_shapes=dims if isinstance(module, Prefill) else None)
-        settings = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
-                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
-        package = io.BytesIO()
-        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=settings)
-        package.seek(0)
-        if path:
-            try:
-                os.makedirs(store, exist_ok=True)
-                with atomic_output(path) as tmp, open(tmp, 'wb') as f:
-                    f.write(package.getbuffer())
-                # the packages of other weights (an earlier checkpoint's), and all but the KEEP last used
-                packages = sorted((os.path.getmtime(p), p) for p in glob.glob(os.path.join(store, '*-*-*.pt2')))
-                for i, (_, old) in enumerate(reversed(packages)):
-                    if i >= KEEP or os.path.basename(old).split('-')[1] != name.split('-')[1]:
-                        os.remove(old)
-            except OSError as e:
-                log(f"warning: cannot keep the compiled step in {store} ({e.strerror or e}): it is compiled again next time")
-    kept[key] = torch._inductor.aoti_load_package(package, run_single_threaded=True).loader.run
-    return kept[key]
 
 
 def compiled_step(model, options, args, store=None):
@@ -347,7 +273,7 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
                          (token, positions, u, seen, done, *layers), store)
     prefill = Prefill(model)
     if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size):  # AOTInductor's too, where it is read
-        run = aot_compiled(prefill, (tokens.new_zeros(B, 2), *layers), store)
+        run = aot_compiled(prefill, (tokens.new_zeros(B, 2), *layers), store, any_length=True)
         prefill = lambda idx, *layers: run([idx.contiguous(), *layers]) if idx.size(1) > 1 else Prefill(model)(idx, *layers)
     n, pos = T, block_size  # tokens so far; the cached positions, here a full cache, to read the prompt
     for _ in range(max_new_tokens):
@@ -450,7 +376,7 @@ class Rows:
         layers = [t[slot:slot + 1] for kv in self.layers for t in kv]  # views of slot's row
         idx = torch.tensor([ids[:-1]], device=self.device)
         if len(ids) > 2 and self.compile and self.device.type == 'cpu':
-            aot_compiled(Prefill(self.model), (idx, *layers), self.store)([idx, *layers])
+            aot_compiled(Prefill(self.model), (idx, *layers), self.store, any_length=True)([idx, *layers])
         elif len(ids) > 1:
             Prefill(self.model)(idx, *layers)
         self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]

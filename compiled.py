@@ -1,0 +1,85 @@
+"""
+A decoding step compiled ahead of time by AOTInductor (torch.export, then inductor's C++), for
+generate.py on the CPU: one call into a shared library a step, with no Python inside it, kept as a
+package in a folder so that a later process loads it instead of compiling.
+  run = aot_compiled(Step(model, options), args, 'out-cpu/compiled/best')
+  next_tokens = run(list(args))[0]
+"""
+import glob
+import hashlib
+import io
+import os
+import sys
+import weakref
+
+import torch
+
+import layouts
+from common import atomic_output, log
+
+
+def package_name(module, args):
+    """The file name of module's AOTInductor package for args: its kind, a hash of the weights, then one
+    of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
+    torch, the CPU and the threads it runs on)."""
+    weights = hashlib.sha256()
+    for t in module.state_dict().values():
+        weights.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+    rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
+                                module.options, [(a.shape, a.stride(), a.dtype) for a in args])).encode())
+    for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[type(module).__module__]):
+        with open(source.__file__, 'rb') as f:
+            rest.update(f.read())
+    return f"{type(module).__name__.lower()}-{weights.hexdigest()[:16]}-{rest.hexdigest()[:16]}.pt2"
+
+
+KEEP = 8  # packages kept in a folder, the last used: other settings, or code since changed
+# a model's compiled programs, aot_compiled's (not an attribute of the model: torch.export copies those)
+COMPILED = weakref.WeakKeyDictionary()
+
+
+def aot_compiled(module, args, store=None, any_length=False):
+    """module (generate.py's Step, Prefill or Logits) compiled ahead of time for args by AOTInductor into one C++ call
+    (inductor's freezing and max_autotune C++ GEMMs, the weights frozen in as constants): returns
+    run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
+    (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
+    the package is kept there too, and another process loads it in a fraction of a second instead of
+    compiling (~30 s); when one is written, those of other weights and all but the KEEP last used are
+    removed. any_length: one program for every length of args[0]'s dimension 1, from 2 to block_size - 1."""
+    model = module.model
+    weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
+    shaped = args[1:] if any_length else args
+    key = (type(module), weights, module.options, tuple((a.shape, a.dtype) for a in shaped), torch.get_num_threads())
+    kept = COMPILED.setdefault(model, {})
+    if key in kept:
+        return kept[key]
+    for old in [k for k in kept if k[1] != weights]:
+        del kept[old]
+    name = package_name(module, shaped)
+    path = store and os.path.join(store, name)
+    if path and os.path.exists(path):
+        package = path
+        os.utime(path)  # used: the newest are kept
+    else:
+        dims = ({1: torch.export.Dim('T', min=2, max=model.config.block_size - 1)}, (None,) * (len(args) - 1))
+        exported = torch.export.export(module.eval(), tuple(args), strict=False,
+                                       dynamic_shapes=dims if any_length else None)
+        settings = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
+                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+        package = io.BytesIO()
+        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=settings)
+        package.seek(0)
+        if path:
+            try:
+                os.makedirs(store, exist_ok=True)
+                with atomic_output(path) as tmp, open(tmp, 'wb') as f:
+                    f.write(package.getbuffer())
+                # the packages of other weights (an earlier checkpoint's), and all but the KEEP last used
+                packages = sorted((os.path.getmtime(p), p) for p in glob.glob(os.path.join(store, '*-*-*.pt2')))
+                for i, (_, old) in enumerate(reversed(packages)):
+                    if i >= KEEP or os.path.basename(old).split('-')[1] != name.split('-')[1]:
+                        os.remove(old)
+            except OSError as e:
+                log(f"warning: cannot keep the compiled step in {store} ({e.strerror or e}): it is compiled again next time")
+    kept[key] = torch._inductor.aoti_load_package(package, run_single_threaded=True).loader.run
+    return kept[key]
