@@ -18,6 +18,14 @@ import layouts
 from common import atomic_output, log
 
 
+def inductor_settings():
+    """Freezing (the weights become constants) and the search for the fastest C++ GEMMs, which inductor's
+    own TORCHINDUCTOR_MAX_AUTOTUNE=0 skips: half the compile, a slower step."""
+    return dict(freezing=True, max_autotune=os.environ.get('TORCHINDUCTOR_MAX_AUTOTUNE') != '0',
+                max_autotune_gemm_backends='CPP,ATEN', autotune_num_choices_displayed=0,
+                max_autotune_report_choices_stats=False)
+
+
 def package_name(module, args):
     """The file name of module's AOTInductor package for args: its kind, a hash of the weights, then one
     of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
@@ -26,7 +34,7 @@ def package_name(module, args):
     for t in module.state_dict().values():
         weights.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
-                                module.options, [(a.shape, a.stride(), a.dtype) for a in args])).encode())
+                                module.options, [(a.shape, a.stride(), a.dtype) for a in args], inductor_settings())).encode())
     for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[type(module).__module__]):
         with open(source.__file__, 'rb') as f:
             rest.update(f.read())
@@ -40,7 +48,7 @@ COMPILED = weakref.WeakKeyDictionary()
 
 def aot_compiled(module, args, store=None, any_length=False):
     """module (generate.py's Step, Prefill or Logits) compiled ahead of time for args by AOTInductor into one C++ call
-    (inductor's freezing and max_autotune C++ GEMMs, the weights frozen in as constants): returns
+    (inductor_settings'), the weights frozen in as constants: returns
     run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
     (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
     the package is kept there too, and another process loads it in a fraction of a second instead of
@@ -64,10 +72,8 @@ def aot_compiled(module, args, store=None, any_length=False):
         dims = ({1: torch.export.Dim('T', min=2, max=model.config.block_size - 1)}, (None,) * (len(args) - 1))
         exported = torch.export.export(module.eval(), tuple(args), strict=False,
                                        dynamic_shapes=dims if any_length else None)
-        settings = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends='CPP,ATEN',
-                        autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
         package = io.BytesIO()
-        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=settings)
+        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=inductor_settings())
         package.seek(0)
         if path:
             try:

@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from compiled import aot_compiled
+from model import rotate_half
 
 
 class KVCache:
@@ -147,8 +148,10 @@ def window_shift_for(window_shift, block_size):
     return max(1, block_size // 4) if window_shift is None else window_shift
 
 
-def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, window_shift=None, block_size=None):
-    """Raise ValueError naming a sampling option out of its range (window_shift's upper bound once block_size is known)."""
+def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, window_shift=None, block_size=None,
+                  slide='reread', pos_emb=None):
+    """Raise ValueError naming a sampling option out of its range (window_shift's upper bound once block_size is
+    known, whether slide='shift' fits once the model's pos_emb is)."""
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be >= 0 (0 is greedy) and finite, got {temperature}")
     if top_k is not None and not (type(top_k) is int and top_k >= 1):
@@ -161,6 +164,26 @@ def check_options(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.
         raise ValueError(f"window_shift must be a whole number >= 1, got {window_shift!r}")
     if block_size is not None and window_shift is not None and window_shift > block_size:
         raise ValueError(f"window_shift must be at most block_size={block_size}, got {window_shift}")
+    if slide not in ('reread', 'shift'):
+        raise ValueError(f"slide must be 'reread' or 'shift', got {slide!r}")
+    if slide == 'shift' and pos_emb not in (None, 'rope'):
+        raise ValueError(f"slide='shift' turns the cached keys back by their rotary angles, and this model's positions are "
+                         f"pos_emb={pos_emb!r}: use slide='reread'")
+
+
+def shift_window(model, layers, n):
+    """Slide the window of every layer's cached (keys, values) by n positions without re-reading it
+    (llama.cpp's context shift): the oldest n are dropped, the others moved to the front, their keys
+    turned back n positions by their rotary angles. Nearly free where a re-read is a pass over the
+    window, but the kept positions keep what they saw of the dropped ones: not the re-read's text."""
+    if n >= layers[0][0].size(2):
+        return  # all dropped: the next token starts afresh at position 0, as a re-read would
+    rotary = model.transformer.h[0].attn.rotary
+    cos, sin = rotary.cos[n], rotary.sin[n]
+    for keys, values in layers:
+        k = keys[:, :, n:].float()
+        keys[:, :, :-n] = (k * cos - rotate_half(k) * sin).to(keys.dtype)
+        values[:, :, :-n] = values[:, :, n:].clone()
 
 
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
@@ -203,7 +226,7 @@ def generate(model, idx, max_new_tokens, **options):
 
 @torch.no_grad()
 def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-           eos_token=None, use_cache=True, window_shift=1, compile=False):
+           eos_token=None, use_cache=True, window_shift=1, slide='reread', compile=False):
     """Yield the next token of every row, shape (B, 1), one step at a time.
 
     temperature 0 is greedy; top_k / top_p keep the k likeliest tokens / the smallest set
@@ -214,16 +237,17 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
     cache, once it is full the oldest window_shift tokens are dropped and the rest re-read
     in one pass. window_shift=1 gives exactly the no-cache result; larger shifts re-read
     less often, at the cost of a shorter context (at least block_size - window_shift + 1)
-    for the tokens right after a shift. compile=True makes each token one call of compiled_step:
+    for the tokens right after a shift. slide='shift' (rotary positions only) moves the cache
+    instead of re-reading it (shift_window): nearly free, with other text. compile=True makes each token one call of compiled_step:
     slow to start (tens of seconds on a CPU, again for other sampling settings), then faster per token;
     compile=FOLDER keeps the CPU's compiled step there, which a later stream loads in under a second.
     """
     block_size = model.config.block_size
     window_shift = window_shift_for(window_shift, block_size)
-    check_options(temperature, top_k, top_p, repetition_penalty, window_shift, block_size)
+    check_options(temperature, top_k, top_p, repetition_penalty, window_shift, block_size, slide, model.config.pos_emb)
     if compile and use_cache:
         yield from compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                   eos_token, window_shift, None if compile is True else compile)
+                                   eos_token, window_shift, slide, None if compile is True else compile)
         return
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     # eager on the CPU the cache stays float32 under bf16 weights: SDPA's bf16 kernel for one
@@ -234,7 +258,10 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
         if not use_cache:
             logits, _ = model(idx[:, -block_size:])
         else:
-            if cache is None or cache.pos == block_size:  # (re)start from the last tokens
+            if cache is not None and cache.pos == block_size and slide == 'shift':
+                shift_window(model, cache.layers, window_shift)
+                cache.pos, new = block_size - window_shift, next_token
+            elif cache is None or cache.pos == block_size:  # (re)start from the last tokens
                 new = idx[:, -(block_size if cache is None else block_size - window_shift + 1):]
                 cache = KVCache.empty(model.config, idx.size(0), idx.device, cache_dtype)
             else:
@@ -256,7 +283,7 @@ def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, 
 
 
 def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_token, window_shift,
-                    store=None):
+                    slide='reread', store=None):
     """stream's tokens, each from one call of compiled_step (kept in store, a folder, if given): the
     Python between two tokens is a draw of random numbers, the call and a copy. The prompt, and the
     window when it slides, are read in one pass (on the CPU a Prefill compiled by aot_compiled)."""
@@ -272,12 +299,16 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
     step = compiled_step(model, (temperature, top_k, top_p, repetition_penalty, eos_token),
                          (token, positions, u, seen, done, *layers), store)
     prefill = Prefill(model)
-    if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size):  # AOTInductor's too, where it is read
+    if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size and slide == 'reread'):  # AOTInductor's too, where it is read
         run = aot_compiled(prefill, (tokens.new_zeros(B, 2), *layers), store, any_length=True)
         prefill = lambda idx, *layers: run([idx.contiguous(), *layers]) if idx.size(1) > 1 else Prefill(model)(idx, *layers)
     n, pos = T, block_size  # tokens so far; the cached positions, here a full cache, to read the prompt
     for _ in range(max_new_tokens):
-        if pos == block_size:  # (re)start from the last tokens: all but the newest read in one pass
+        if pos == block_size and n > T and slide == 'shift':
+            shift_window(model, list(zip(layers[0::2], layers[1::2])), window_shift)
+            pos = block_size - window_shift
+            positions.fill_(pos)
+        elif pos == block_size:  # (re)start from the last tokens: all but the newest read in one pass
             window = tokens[:, max(0, n - (block_size if n == T else block_size - window_shift + 1)):n]
             if window.size(1) > 1:
                 prefill(window[:, :-1], *layers)
@@ -329,18 +360,19 @@ class Rows:
     its own window past block_size; a row joins (add) or leaves (remove) between steps, and takes the
     lowest free slot. A step decodes the slots up to the highest in use, free ones as padding, rounded
     up to one of a few widths: powers of two, or with compile (compiled_step's way; a folder keeps the
-    code as stream's does) one row or max_rows, each slow to make the first time. fixed_batch=True always decodes all max_rows, so that a
+    code as stream's does) one row or max_rows, each slow to make the first time. slide is stream's. fixed_batch=True always decodes all max_rows, so that a
     row's tokens never depend on the others (in float32 the same alone as in a full batch), where
     otherwise the kernels for another batch size may round differently. A prompt is read alone. Not
     thread-safe."""
 
-    def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False):
+    def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False, slide='reread'):
         self.model, self.compile, self.store, self.runs = model, compile, None if compile is True else compile, {}
+        self.slide = slide
         if compile and model.transformer.wte.weight.device.type != 'cpu':
             self.compiled = torch.compile(Logits(model), fullgraph=True, dynamic=False)
         self.block_size = model.config.block_size
         self.window_shift = window_shift_for(window_shift, self.block_size)
-        check_options(window_shift=self.window_shift, block_size=self.block_size)
+        check_options(window_shift=self.window_shift, block_size=self.block_size, slide=slide, pos_emb=model.config.pos_emb)
         self.widths = ([max_rows] if fixed_batch else [1, max_rows] if compile else
                        sorted({min(max_rows, 1 << i) for i in range(max_rows.bit_length() + 1)}))
         weight = model.transformer.wte.weight  # (lm_head may hold int8 weights)
@@ -413,6 +445,9 @@ class Rows:
         for slot, token in tokens.items():
             self.rows[slot].tokens.append(token)
             self.pos[slot], self.next[slot] = self.pos[slot] + 1, token
-            if self.pos[slot] == self.block_size:  # full: re-read the last tokens, as stream does
+            if self.pos[slot] == self.block_size and self.slide == 'shift':
+                shift_window(self.model, [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in self.layers], self.window_shift)
+                self.pos[slot] = self.block_size - self.window_shift
+            elif self.pos[slot] == self.block_size:  # full: re-read the last tokens, as stream does
                 self.read(slot, self.rows[slot].tokens[-(self.block_size - self.window_shift + 1):])
         return tokens

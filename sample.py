@@ -29,6 +29,7 @@ top_p: float | None = None  # sample only from the likeliest tokens that togethe
 repetition_penalty = 1.0  # > 1 makes tokens already in the story less likely
 stop_at_eot = True  # end each story at <|endoftext|>; False writes on past it
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; 1 is exact, None: block_size // 4
+slide = 'reread'  # past block_size, 'reread' the tokens kept, or 'shift' the cache back (rotary models): nearly free, other text
 seed = 1337  # the same seed and settings give the same stories
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 dtype = 'auto'  # bf16 where the CPU or GPU has it (fp16 on older GPUs), else float32 (common.get_dtype); not float32 casts the weights
@@ -48,7 +49,7 @@ if __name__ == '__main__':  # a plain script
         die(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     try:
-        check_options(**options, window_shift=window_shift)  # against block_size once it is known
+        check_options(**options, window_shift=window_shift, slide=slide)  # against the model once it is known
     except ValueError as e:
         die(str(e))
     if start.startswith('FILE:'):
@@ -70,7 +71,7 @@ if __name__ == '__main__':  # a plain script
     block_size = model.config.block_size
     window_shift = window_shift_for(window_shift, block_size)
     try:
-        check_options(window_shift=window_shift, block_size=block_size)
+        check_options(window_shift=window_shift, block_size=block_size, slide=slide, pos_emb=model.config.pos_emb)
     except ValueError as e:
         die(str(e))
 
@@ -80,7 +81,7 @@ if __name__ == '__main__':  # a plain script
             f"the model sees only its last {block_size}")
         ids = ids[-block_size:]
     x = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
-    options.update(eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift, compile=compile and compiled_folder(path))
+    options.update(eos_token=enc.eot_token if stop_at_eot else None, window_shift=window_shift, slide=slide, compile=compile and compiled_folder(path))
 
     if compile:  # before the clock starts: the speed logged below is the stories'
         t0 = time.time()

@@ -49,6 +49,7 @@ request_timeout = 20.0  # seconds a connection has to send a whole request, head
 int8 = False  # as sample.py: int8 weights, for models large enough that reading weights bounds a step
 threads = 0  # CPU threads torch computes with; 0: one per core but one, left to the web server (docs/serving.md)
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
+slide = 'reread'  # as sample.py: past block_size, 'reread' the tokens kept, or 'shift' the cache back (rotary models)
 compile = False  # compile the batched decoding step (generate.Rows): on the CPU ~1-2 min the first time for a checkpoint, kept in compiled/ beside it, then seconds to start; faster steps
 fixed_batch = False  # decode all max_batch rows every step: a request's text (float32) never depends on the others in flight, at a slower step with few
 # -----------------------------------------------------------------------------
@@ -77,7 +78,7 @@ path = checkpoint_path(out_dir, ckpt)
 model, enc, _ = load_for_generation(path, device, dtype, int8)
 try:
     rows = Rows(model, max_rows=max_batch, window_shift=window_shift, compile=compile and compiled_folder(path),
-                fixed_batch=fixed_batch)
+                fixed_batch=fixed_batch, slide=slide)
 except ValueError as e:
     die(str(e))
 if compile:  # before the first request, which would otherwise wait for it

@@ -19,6 +19,9 @@ sys.path.insert(0, ROOT)
 # Never wait ~25 s for an unreachable hub; find tiktoken's GPT-2 files offline.
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# The tests' compiled steps (compiled.py) skip the search for the fastest GEMMs, half of a compile's time;
+# test_generate's weight-change test searches.
+os.environ.setdefault('TORCHINDUCTOR_MAX_AUTOTUNE', '0')
 if os.path.isdir(TIKTOKEN_CACHE):
     os.environ.setdefault('TIKTOKEN_CACHE_DIR', TIKTOKEN_CACHE)
 

@@ -5,7 +5,7 @@ import torch
 
 from batching import Batcher
 from conftest import tiny, train_step
-from generate import KVCache, Rows, generate, sample_logits, stream
+from generate import KVCache, Rows, generate, sample_logits, shift_window, stream
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
 
@@ -33,7 +33,7 @@ def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(optio
     # of the window too (block_size 16); then a weight changed in place (the frozen copy would be
     # stale) is followed. The packages kept in a folder serve another model of the same weights
     # without compiling, and a new weight's replace the old ones (the Llama-style blocks: each
-    # compile takes ~20 s on 2 cores)
+    # compile takes ~20 s on 2 cores), with the search for the fastest GEMMs that conftest turns off elsewhere
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, **options)
     model, idx, kept = GPT(config).eval(), torch.randint(97, (2, 5)), []
@@ -41,12 +41,15 @@ def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(optio
         full = generate(model, idx, 20, temperature=0, use_cache=False)
         assert torch.equal(generate(model, idx, 20, temperature=0, compile=True), full)
         return
+    monkeypatch.setenv('TORCHINDUCTOR_MAX_AUTOTUNE', '1')
     for changed in (False, True):
         if changed:
             train_step(model, idx)
             model.eval()
         full = generate(model, idx, 20, temperature=0, use_cache=False)
         assert torch.equal(generate(model, idx, 20, temperature=0, compile=str(tmp_path)), full)
+        shifted = generate(model, idx, 20, temperature=0, window_shift=4, slide='shift')  # the same programs
+        assert torch.equal(generate(model, idx, 20, temperature=0, window_shift=4, slide='shift', compile=str(tmp_path)), shifted)
         kept.append(sorted(p.name for p in tmp_path.iterdir()))
     assert [name.split('-')[0] for name in kept[0]] == ['prefill', 'step'] and not set(kept[0]) & set(kept[1])
     assert sorted(p.name for p in tmp_path.iterdir()) == kept[1]
@@ -153,10 +156,32 @@ def test_repetition_penalty_discourages_seen_tokens():
 
 
 @pytest.mark.parametrize('kw', [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(repetition_penalty=0),
-                                dict(window_shift=0), dict(window_shift=17), dict(top_k=0)])
+                                dict(window_shift=0), dict(window_shift=17), dict(top_k=0), dict(slide='drop'),
+                                dict(slide='shift')])  # tiny()'s positions are learned: no angles to turn keys back by
 def test_bad_generation_options(kw):
     with pytest.raises(ValueError):
         generate(tiny(), torch.zeros(1, 1, dtype=torch.long), 2, **kw)
+
+
+def test_a_shifted_window_keeps_the_first_layers_cache_and_decodes_alike_everywhere():
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, pos_emb='rope', norm='rmsnorm')
+    model, idx = GPT(config).eval(), torch.randint(97, (1, 16))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # sharp logits: no near-ties for the kernels' rounding to break
+        shifted, fresh = KVCache.empty(config, 1, 'cpu', torch.float32), KVCache.empty(config, 1, 'cpu', torch.float32)
+        model.hidden_states(idx, shifted)
+        shift_window(model, shifted.layers, 4)
+        model.hidden_states(idx[:, 4:], fresh)
+    # the first layer's keys and values are a token's at its position, whatever came before: a fresh read's;
+    # the next layer's remember the dropped tokens
+    (k, v), (k0, v0) = shifted.layers[0], fresh.layers[0]
+    assert torch.allclose(k[:, :, :12], k0[:, :, :12], atol=1e-5) and torch.equal(v[:, :, :12], v0[:, :, :12])
+    assert not torch.allclose(shifted.layers[1][0][:, :, :12], fresh.layers[1][0][:, :, :12], atol=1e-3)
+    streamed = [generate(model, torch.tensor([p[-16:]]), 30, temperature=0, window_shift=4, slide='shift')[0, len(p[-16:]):].tolist()
+                for p in PROMPTS]
+    assert decode_rows(model, [[i] for i in range(8)], temperature=0, slide='shift') == dict(enumerate(streamed))
+    assert decode_rows(model, [list(range(8))], temperature=0, slide='shift') == dict(enumerate(streamed))
 
 
 # ---------------------------------------------------------------------------- Rows: continuous batching
@@ -167,7 +192,7 @@ PROMPTS = [[1, 2, 3], [5], list(range(10, 30)), [7, 8], [40] * 15, [3, 1], [90, 
 def decode_rows(model, which, steps=30, **options):
     """Each prompt of PROMPTS named in which (a list of lists: the groups that join together, one after another), its tokens."""
     rows = Rows(model, max_rows=8, window_shift=options.pop('window_shift', 4), compile=options.pop('compile', False),
-                fixed_batch=options.pop('fixed_batch', True))
+                fixed_batch=options.pop('fixed_batch', True), slide=options.pop('slide', 'reread'))
     out = {}
     for group in which:
         slots = {rows.add(PROMPTS[i], seed=i, **options): i for i in group}
