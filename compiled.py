@@ -27,7 +27,7 @@ def inductor_settings():
 
 
 def package_name(module, args):
-    """The file name of module's AOTInductor package for args: its kind, a hash of the weights, then one
+    """The file name of module's AOTInductor package for args: its kind, the weights' precision, a hash of them, then one
     of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
     torch, the CPU and the threads it runs on)."""
     weights = hashlib.sha256()
@@ -38,7 +38,19 @@ def package_name(module, args):
     for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[type(module).__module__]):
         with open(source.__file__, 'rb') as f:
             rest.update(f.read())
-    return f"{type(module).__name__.lower()}-{weights.hexdigest()[:16]}-{rest.hexdigest()[:16]}.pt2"
+    kind = 'int8' if any(t.dtype == torch.int8 for t in module.state_dict().values()) else \
+        str(module.model.transformer.wte.weight.dtype).removeprefix('torch.')
+    return f"{type(module).__name__.lower()}-{kind}-{weights.hexdigest()[:16]}-{rest.hexdigest()[:16]}.pt2"
+
+
+def tidy(store, name):
+    """Remove from store the packages of other weights in name's precision (an earlier checkpoint's: a
+    float32 and a bf16 package of one checkpoint both stay), and all but the KEEP last used."""
+    packages = sorted((os.path.getmtime(p), p) for p in glob.glob(os.path.join(store, '*.pt2')))
+    for i, (_, old) in enumerate(reversed(packages)):
+        parts = os.path.basename(old).split('-')
+        if i >= KEEP or len(parts) != 4 or parts[1] == name.split('-')[1] and parts[2] != name.split('-')[2]:
+            os.remove(old)
 
 
 KEEP = 8  # packages kept in a folder, the last used: other settings, or code since changed
@@ -52,8 +64,7 @@ def aot_compiled(module, args, store=None, any_length=False):
     run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
     (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
     the package is kept there too, and another process loads it in a fraction of a second instead of
-    compiling (~30 s); when one is written, those of other weights and all but the KEEP last used are
-    removed. any_length: one program for every length of args[0]'s dimension 1, from 2 to block_size - 1."""
+    compiling (~30 s); when one is written, the folder is tidied (tidy). any_length: one program for every length of args[0]'s dimension 1, from 2 to block_size - 1."""
     model = module.model
     weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
     shaped = args[1:] if any_length else args
@@ -80,11 +91,7 @@ def aot_compiled(module, args, store=None, any_length=False):
                 os.makedirs(store, exist_ok=True)
                 with atomic_output(path) as tmp, open(tmp, 'wb') as f:
                     f.write(package.getbuffer())
-                # the packages of other weights (an earlier checkpoint's), and all but the KEEP last used
-                packages = sorted((os.path.getmtime(p), p) for p in glob.glob(os.path.join(store, '*-*-*.pt2')))
-                for i, (_, old) in enumerate(reversed(packages)):
-                    if i >= KEEP or os.path.basename(old).split('-')[1] != name.split('-')[1]:
-                        os.remove(old)
+                tidy(store, name)
             except OSError as e:
                 log(f"warning: cannot keep the compiled step in {store} ({e.strerror or e}): it is compiled again next time")
     kept[key] = torch._inductor.aoti_load_package(package, run_single_threaded=True).loader.run

@@ -1,9 +1,11 @@
 import asyncio
+import os
 
 import pytest
 import torch
 
 from batching import Batcher
+from compiled import KEEP, tidy
 from conftest import tiny, train_step
 from generate import KVCache, Rows, generate, sample_logits, shift_window, stream
 from layouts import use_fast_linears
@@ -57,6 +59,21 @@ def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(optio
     twin = GPT(config).eval()
     twin.load_state_dict(model.state_dict())
     assert torch.equal(generate(twin, idx, 20, temperature=0, compile=str(tmp_path)), full)
+
+
+def test_a_new_package_removes_older_weights_of_its_precision_and_all_but_the_last_used(tmp_path):
+    def used(name, when):
+        (tmp_path / name).write_bytes(b'')
+        os.utime(tmp_path / name, (when, when))
+    for when, name in enumerate(['step-float32-aaaa-1111.pt2', 'step-bfloat16-aaaa-1111.pt2', 'prefill-float32-aaaa-2222.pt2',
+                                 'step-aaaa-1111.pt2', 'step-float32-bbbb-1111.pt2']):  # a retrained checkpoint's last
+        used(name, when)
+    tidy(str(tmp_path), 'step-float32-bbbb-1111.pt2')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['step-bfloat16-aaaa-1111.pt2', 'step-float32-bbbb-1111.pt2']
+    for when in range(10):
+        used(f'step-float32-bbbb-{when:04}.pt2', 10 + when)
+    tidy(str(tmp_path), 'step-float32-bbbb-0009.pt2')
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f'step-float32-bbbb-{when:04}.pt2' for when in range(10 - KEEP, 10)]
 
 
 @pytest.mark.parametrize('prompt_len', [5, 16, 23])
