@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common import autocast, compile_for_training, die, get_device, keep_freed_memory, set_threads
+from common import autocast, checkpoint_path, compile_for_training, die, get_device, keep_freed_memory, set_threads
 from generate import generate
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
@@ -47,6 +47,7 @@ peer_model = 'out-cpu'  # peer: the checkpoint folder that sample.py and llama.c
 peer_bin = ''  # peer: llama.cpp's tools (../shared/tools/llama-cpp.sh prints their folder); empty: $LLAMA_CPP_BIN, else that script's
 peer_tokens = 100  # peer: new tokens per story (after a 5-token prompt, within run.sh's 128-token window)
 peer_rounds = 2  # peer: alternating rounds per setting; the median and the range are reported
+peer_long_tokens = 1000  # peer: new tokens of a story past the window (its slides' cost, against a story within it)
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 seed = 1337
@@ -346,10 +347,10 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
                 f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
         return done
 
-    def ours(dtype, b, use_compile):
+    def ours(dtype, b, use_compile, new_tokens=peer_tokens, slide='reread'):
         done = run(sys.executable, 'sample.py', f'--out_dir={peer_model}', '--start=Once upon a time', f'--num_samples={b}',
-                   f'--max_new_tokens={peer_tokens}', '--stop_at_eot=False', f'--dtype={dtype}', f'--device={device}',
-                   f'--compile={use_compile}', f'--threads={n_threads}')
+                   f'--max_new_tokens={new_tokens}', '--stop_at_eot=False', f'--dtype={dtype}', f'--device={device}',
+                   f'--compile={use_compile}', f'--threads={n_threads}', f'--slide={slide}')
         return float(re.findall(r'([\d.]+) tokens/s', done.stderr)[-1])
 
     def theirs(path, b, tries=3):  # llama-bench for one story, llama-batched-bench for several (its generation speed)
@@ -367,24 +368,31 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
             return theirs(path, b, tries - 1)
 
     spread = lambda xs: f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
+    ways = ('eager', 'compiled') if compile else ('eager',)
+    # slide='shift' turns keys back by rotary angles: a model with learned positions only re-reads
+    rotary = torch.load(checkpoint_path(peer_model, 'best'), map_location='cpu', weights_only=True)['model_args'].get('pos_emb') == 'rope'
+    slides = ('reread', 'shift') if rotary else ('reread',)
     with tempfile.TemporaryDirectory() as folder:
         for dtype in dtypes.split(','):
             path = os.path.join(folder, f'{dtype}.gguf')
             run(sys.executable, 'export.py', f'--out_dir={peer_model}', '--format=gguf',
                 f"--gguf_type={'f32' if dtype == 'float32' else 'bf16' if dtype == 'bfloat16' else 'f16'}", f'--gguf_file={path}')
             for b in (int(s) for s in sample_batches.split(',')):
-                speeds = {'llama.cpp': [], 'eager': [], 'compiled': []}
+                speeds = {'llama.cpp': [], **{(way, slide): [] for way in ways for slide in ('within',) + slides * (b == 1)}}
                 for _ in range(peer_rounds):  # alternating, so that a shared machine's drift meets both alike
                     speeds['llama.cpp'].append(theirs(path, b))
-                    speeds['eager'].append(ours(dtype, b, False))
-                    if compile:
-                        speeds['compiled'].append(ours(dtype, b, True))
+                    for way, slide in list(speeds)[1:]:
+                        speeds[way, slide].append(ours(dtype, b, way == 'compiled', *(() if slide == 'within' else (peer_long_tokens, slide))))
                 peer = statistics.median(speeds['llama.cpp'])
-                for way in ('eager', 'compiled') if compile else ('eager',):
-                    rows.append(('peer', f"{dtype} sample.py {way} against llama.cpp, {peer_model}",
-                                 f"batch {b}", spread(speeds[way]),
-                                 f"{statistics.median(speeds[way]) / peer:.2f}x llama.cpp's {spread(speeds['llama.cpp'])}; "
-                                 f"{peer_tokens} new tokens, {peer_rounds} round{'s' * (peer_rounds > 1)}, {n_threads} threads"))
+                for way, slide in list(speeds)[1:]:
+                    within = statistics.median(speeds[way, 'within'])
+                    rounds = f"{peer_rounds} round{'s' * (peer_rounds > 1)}, {n_threads} threads"
+                    rows.append(('peer', f"{dtype} sample.py {way} against llama.cpp, {peer_model}", f"batch {b}",
+                                 spread(speeds[way, slide]), f"{within / peer:.2f}x llama.cpp's {spread(speeds['llama.cpp'])}; "
+                                 f"{peer_tokens} new tokens, {rounds}") if slide == 'within' else
+                                ('peer', f"{dtype} sample.py {way} past the window, slide={slide}, {peer_model}", f"batch {b}",
+                                 spread(speeds[way, slide]), f"{statistics.median(speeds[way, slide]) / within:.2f}x within it; "
+                                 f"{peer_long_tokens} new tokens, {rounds}"))
             # the servers: llama-server with as many slots as serve.py's rows, each client streaming serve_tokens
             speeds = {'llama-server': [], 'eager': [], 'compiled': []}
             for _ in range(peer_rounds):

@@ -47,15 +47,17 @@ def test_peer_runs_one_checkpoint_in_both_engines_and_gives_the_ratio(tmp_path):
         pytest.skip(needs_llama_cpp.kwargs['reason'])
     args = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50257)
     torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, tmp_path / 'best.pt')
-    cmd = [sys.executable, 'bench.py', '--parts=peer', f'--peer_model={tmp_path}', '--peer_tokens=8', '--peer_rounds=2',
+    cmd = [sys.executable, 'bench.py', '--parts=peer', f'--peer_model={tmp_path}', '--peer_tokens=8', '--peer_long_tokens=40', '--peer_rounds=2',
            '--dtypes=float32', '--sample_batches=1,2', '--serve_clients=1,2', '--serve_tokens=8', '--serve_batch=2',
            '--device=cpu', '--threads=1', f'--peer_bin={LLAMA_CPP_BIN}']
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     rows = [line.split(' | ') for line in run.stdout.splitlines() if line.startswith('| peer')]
-    assert [r[2] for r in rows] == ['batch 1', 'batch 2', '1 client', '2 clients']
-    assert all('sample.py eager' in r[1] and "x llama.cpp's " in r[4] for r in rows[:2])
-    assert all('serve.py eager' in r[1] and "x llama-server's " in r[4] for r in rows[2:])
+    assert [r[2] for r in rows] == ['batch 1', 'batch 1', 'batch 2', '1 client', '2 clients']
+    assert all('sample.py eager against' in r[1] and "x llama.cpp's " in r[4] for r in (rows[0], rows[2]))
+    # past the 32-token window, re-read (its positions are learned: no shift), against the story within it
+    assert 'sample.py eager past the window, slide=reread' in rows[1][1] and 'x within it; 40 new tokens' in rows[1][4]
+    assert all('serve.py eager' in r[1] and "x llama-server's " in r[4] for r in rows[3:])
     assert all(float(r[3].split()[0].replace(',', '')) > 0 and '2 rounds' in r[4] for r in rows)
     run = subprocess.run(cmd[:-1] + [f'--peer_bin={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(f'error: no llama.cpp tools in {tmp_path}')
