@@ -74,7 +74,14 @@ class Batcher:
 
     def decode_forever(self):
         rows, decoding, eot = self.rows, self.decoding, self.enc.eot_token
+        out = []  # the last step's (job, item)s: sent as the next step runs (Rows.step's before), or before a wait
+
+        def flush():
+            send(out[:])
+            out.clear()
         while True:
+            if not decoding:
+                flush()
             with self.changed:
                 self.changed.wait_for(lambda: self.stopping or self.waiting or self.leaving or decoding)
                 if self.stopping:
@@ -86,18 +93,20 @@ class Batcher:
             with self.changed:
                 new = [self.waiting.popleft() for _ in range(min(rows.free, len(self.waiting)))]
             try:
+                if new:  # a prompt's read takes a while: the tokens wait for no one
+                    flush()
                 for job in new:
                     job.slot = rows.add(job.ids, **job.options)
                     decoding[job.slot] = job
-                tokens = rows.step() if decoding else {}
+                tokens = rows.step(flush) if decoding else {}
             except Exception as e:  # a fault of the device (out of memory): fail these requests, keep serving
+                flush()
                 for job in set(new) | set(decoding.values()):
                     job.send(e)
                     if job.slot is not None:
                         self.end(job)
                 continue
             self.generated += len(tokens)
-            out = []
             for slot, token in tokens.items():
                 job = decoding[slot]
                 job.made += 1
@@ -105,7 +114,6 @@ class Batcher:
                 if token == eot or job.made == job.max_tokens:
                     out.append((job, 'stop' if token == eot else 'length'))
                     self.end(job)
-            send(out)
 
     def admit(self, ids, options, max_tokens):
         """A Job for the prompt ids with Rows.add's options, in line for a row; None when every place is taken."""

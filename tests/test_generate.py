@@ -240,7 +240,7 @@ def test_a_step_decodes_the_slots_in_use_rounded_up_to_a_power_of_two():
     rows = Rows(model, max_rows=8)
     seen = []
     eager_logits = rows.logits
-    rows.logits = lambda next, pos: seen.append(len(next)) or eager_logits(next, pos)
+    rows.logits = lambda next, *args: seen.append(len(next)) or eager_logits(next, *args)
     for slot in range(6):
         rows.add(PROMPTS[slot], temperature=0)
     for leaving, width in ((5, 8), (4, 4), (2, 4), (3, 2), (1, 1)):
