@@ -20,7 +20,7 @@ from common import atomic_output, log
 
 def inductor_settings():
     """Freezing (the weights become constants) and the search for the fastest C++ GEMMs, which inductor's
-    own TORCHINDUCTOR_MAX_AUTOTUNE=0 skips: half the compile, a slower step."""
+    own TORCHINDUCTOR_MAX_AUTOTUNE=0 skips: half the compile, with kernels picked untimed."""
     return dict(freezing=True, max_autotune=os.environ.get('TORCHINDUCTOR_MAX_AUTOTUNE') != '0',
                 max_autotune_gemm_backends='CPP,ATEN', autotune_num_choices_displayed=0,
                 max_autotune_report_choices_stats=False)
