@@ -26,13 +26,20 @@ def inductor_settings():
                 max_autotune_report_choices_stats=False)
 
 
-def package_name(module, args):
+def weights_hash(model, weights):
+    """A hash of model's weights' bytes, made once for their addresses and versions (weights)."""
+    if HASHED.get(model, (None,))[0] != weights:
+        digest = hashlib.sha256()
+        for t in model.state_dict().values():
+            digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
+        HASHED[model] = weights, digest.hexdigest()[:16]
+    return HASHED[model][1]
+
+
+def package_name(module, args, weights):
     """The file name of module's AOTInductor package for args: its kind, the weights' precision, a hash of them, then one
     of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
     torch, the CPU and the threads it runs on)."""
-    weights = hashlib.sha256()
-    for t in module.state_dict().values():
-        weights.update(t.detach().cpu().contiguous().view(torch.uint8).numpy())
     rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
                                 module.options, [(a.shape, a.stride(), a.dtype) for a in args], inductor_settings())).encode())
     for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[type(module).__module__]):
@@ -40,7 +47,7 @@ def package_name(module, args):
             rest.update(f.read())
     kind = 'int8' if any(t.dtype == torch.int8 for t in module.state_dict().values()) else \
         str(module.model.transformer.wte.weight.dtype).removeprefix('torch.')
-    return f"{type(module).__name__.lower()}-{kind}-{weights.hexdigest()[:16]}-{rest.hexdigest()[:16]}.pt2"
+    return f"{type(module).__name__.lower()}-{kind}-{weights_hash(module.model, weights)}-{rest.hexdigest()[:16]}.pt2"
 
 
 def tidy(store, name):
@@ -56,6 +63,7 @@ def tidy(store, name):
 KEEP = 8  # packages kept in a folder, the last used: other settings, or code since changed
 # a model's compiled programs, aot_compiled's (not an attribute of the model: torch.export copies those)
 COMPILED = weakref.WeakKeyDictionary()
+HASHED = weakref.WeakKeyDictionary()  # a model's (weights' addresses and versions, hash of their bytes): weights_hash's
 
 
 def aot_compiled(module, args, store=None, any_length=False):
@@ -74,7 +82,7 @@ def aot_compiled(module, args, store=None, any_length=False):
         return kept[key]
     for old in [k for k in kept if k[1] != weights]:
         del kept[old]
-    name = package_name(module, shaped)
+    name = package_name(module, shaped, weights)
     path = store and os.path.join(store, name)
     if path and os.path.exists(path):
         package = path
