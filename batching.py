@@ -1,6 +1,6 @@
 """
 Requests decoded together, for a server (serve.py): a thread of its own owns the model and runs one
-step of generate.Rows for every request in flight, while the server's asyncio event loop hands it
+step of rows.Rows for every request in flight, while the server's asyncio event loop hands it
 jobs and reads their tokens back as text.
   batcher = Batcher(Rows(model, max_rows=8), enc, max_queue=32)
   batcher.start()

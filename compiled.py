@@ -67,7 +67,7 @@ HASHED = weakref.WeakKeyDictionary()  # a model's (weights' addresses and versio
 
 
 def aot_compiled(module, args, store=None, any_length=False):
-    """module (generate.py's Step, Prefill or Logits) compiled ahead of time for args by AOTInductor into one C++ call
+    """module (generate.py's Step or Prefill, rows.py's Logits) compiled ahead of time for args by AOTInductor into one C++ call
     (inductor_settings'), the weights frozen in as constants: returns
     run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
     (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,

@@ -52,7 +52,7 @@ temperature = 0.8  # as sample.py: 0 is greedy
 top_k: int | None = 200  # as sample.py: sample only from the k likeliest tokens (None: all)
 top_p: float | None = None  # as sample.py: the likeliest tokens that together reach top_p (None: off)
 seed = 1337  # story i draws from a generator seeded seed + i: the same seed gives the same stories and scores
-story_batch = 16  # stories decoded together (generate.Rows)
+story_batch = 16  # stories decoded together (rows.Rows)
 copy_n = 8  # copying is counted in word n-grams of this length: real unseen stories share ~1% of their 8-grams
 # with the training stories (stock phrases), 3.7% of their 6-grams
 copy_stories = 10000  # copying is checked against the first copy_stories training stories: all of the sample's 1,096

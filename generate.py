@@ -5,11 +5,9 @@ ahead of time by AOTInductor, its package kept for later runs; the weights' layo
   from generate import generate
   out = generate(model, idx, 100, temperature=0.8, top_k=200)  # idx (B, T) -> (B, T + up to 100)
 The network knows only that a cache may take over its attention (positions and attend): KVCache
-holds rows at one position, RowCache rows at their own, for Rows (requests decoded together: serve.py).
+holds rows at one position, RowCache rows at their own (rows.py's Rows: requests decoded together).
 """
 import math
-from typing import NamedTuple
-
 import torch
 from torch.nn import functional as F
 
@@ -98,31 +96,6 @@ class Prefill(torch.nn.Module):
 
     def forward(self, idx, *layers):
         return self.model.hidden_states(idx, KVCache(list(zip(layers[0::2], layers[1::2]))))[:, -1]
-
-
-class Logits(torch.nn.Module):
-    """Rows' step, for torch.export: after each row's token next (B,) at its position pos (B,) over the
-    cache (keys0, values0, ...), which takes them in, the logits (B, vocab) and a token (B, 1) sampled
-    at each row's temperature (B, 1) with its draw u (B, 1) (sample_rows)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.options = model, None
-
-    def forward(self, next, pos, temperature, u, *layers):
-        x = self.model.hidden_states(next[:, None], RowCache(list(zip(layers[0::2], layers[1::2])), pos))
-        logits = self.model.lm_head(x[:, -1, :]).float()
-        return sample_rows(logits, temperature, u), logits
-
-
-def sample_rows(logits, temperature, u):
-    """sample_logits without top_k and top_p, each row at its own temperature (B, 1), 0 greedy, with its
-    draw u (B, 1): in one graph with the step it saves ~70 us of eager calls a step."""
-    greedy = temperature < torch.finfo(torch.float32).tiny
-    probs = F.softmax((logits - logits.amax(dim=-1, keepdim=True)) / torch.where(greedy, 1.0, temperature), dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
-    return torch.where(greedy, logits.argmax(dim=-1, keepdim=True), pick)
 
 
 def compiled_step(model, options, args, store=None):
@@ -356,134 +329,3 @@ class RowCache:
         att = (q.to(keys.dtype) @ keys.transpose(-2, -1)) * (1.0 / math.sqrt(keys.size(-1)))
         y = F.softmax(att.masked_fill(~seen[:, None, None, :], float('-inf')), dim=-1) @ values
         return y.to(q.dtype)
-
-
-class Row(NamedTuple):
-    tokens: list  # the prompt's and the new ones, for re-reading the window when it slides
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator
-
-
-class Rows:
-    """Rows decoded together, one batched step for all (continuous batching, as a server needs):
-    each sits at its own position, with its own sampling settings and random generator, and slides
-    its own window past block_size; a row joins (add) or leaves (remove) between steps, and takes the
-    lowest free slot. A step decodes the slots up to the highest in use, free ones as padding, rounded
-    up to one of a few widths: powers of two, or with compile (compiled_step's way; a folder keeps the
-    code as stream's does) one row or max_rows, each slow to make the first time. slide is stream's. fixed_batch=True always decodes all max_rows, so that a
-    row's tokens never depend on the others (in float32 the same alone as in a full batch), where
-    otherwise the kernels for another batch size may round differently. A prompt is read alone. Not
-    thread-safe."""
-
-    def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False, slide='reread'):
-        self.model, self.compile, self.store, self.runs = model, compile, None if compile is True else compile, {}
-        self.slide = slide
-        if compile and model.transformer.wte.weight.device.type != 'cpu':
-            self.compiled = torch.compile(Logits(model), fullgraph=True, dynamic=False)
-        self.block_size = model.config.block_size
-        self.window_shift = window_shift_for(window_shift, self.block_size)
-        check_options(window_shift=self.window_shift, block_size=self.block_size, slide=slide, pos_emb=model.config.pos_emb)
-        self.widths = ([max_rows] if fixed_batch else [1, max_rows] if compile else
-                       sorted({min(max_rows, 1 << i) for i in range(max_rows.bit_length() + 1)}))
-        weight = model.transformer.wte.weight  # (lm_head may hold int8 weights)
-        self.device = weight.device
-        dtype = torch.float32 if self.device.type == 'cpu' else weight.dtype  # as stream's eager cache
-        # zeros: the plain attention weighs the unfilled positions by 0, and 0 * NaN (torch.empty's garbage) is NaN
-        self.layers = [(k.zero_(), v.zero_()) for k, v in KVCache.empty(model.config, max_rows, self.device, dtype).layers]
-        self.pos, self.next = [0] * max_rows, [0] * max_rows  # each row's cached positions and token to feed
-        self.rows, self.slots = [None] * max_rows, {}
-        self.no_draw = torch.zeros(1, 1, device=self.device)
-
-    @property
-    def free(self):
-        return self.rows.count(None)
-
-    def add(self, ids, temperature=1.0, top_k=None, top_p=None, seed=None):
-        """A new row for the prompt ids (its last block_size tokens); returns its slot."""
-        check_options(temperature, top_k, top_p)
-        if None not in self.rows:
-            raise ValueError(f"all {len(self.rows)} rows are taken")
-        slot = self.rows.index(None)
-        generator = torch.Generator(self.device)
-        generator.seed() if seed is None else generator.manual_seed(seed)
-        self.rows[slot] = Row(list(ids[-self.block_size:]), temperature, top_k, top_p, generator)
-        self.read(slot, self.rows[slot].tokens)
-        return slot
-
-    def remove(self, slot):
-        self.rows[slot] = None
-
-    @torch.no_grad()
-    def read(self, slot, ids):
-        """Fill slot's cache with all of ids but the last, alone, which the next step feeds."""
-        layers = [t[slot:slot + 1] for kv in self.layers for t in kv]  # views of slot's row
-        idx = torch.tensor([ids[:-1]], device=self.device)
-        if len(ids) > 2 and self.compile and self.device.type == 'cpu':
-            aot_compiled(Prefill(self.model), (idx, *layers), self.store, any_length=True)([idx, *layers])
-        elif len(ids) > 1:
-            Prefill(self.model)(idx, *layers)
-        self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
-
-    @torch.no_grad()
-    def warm(self):
-        """Make the step of every width and the prompts' read (compile: before the first rows, which would
-        wait for them)."""
-        self.read(0, [0] * 3)  # into a free slot, which add overwrites
-        for n in self.widths:  # tensors of their own: inputs that alias one another would be compiled as one
-            self.logits(*(torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(2)),
-                        *(torch.zeros(n, 1, device=self.device) for _ in range(2)))
-
-    def logits(self, next, pos, temperature, u):
-        """Logits' (tokens, logits) for the first len(next) slots."""
-        if len(next) not in self.slots:  # the cache's first len(next) slots, kept: slicing 12 tensors a step costs ~20 us
-            self.slots[len(next)] = [t[:len(next)] for kv in self.layers for t in kv]
-        args = [next, pos, temperature, u] + self.slots[len(next)]
-        if not self.compile:
-            return Logits(self.model)(*args)
-        if self.device.type != 'cpu':
-            return self.compiled(*args)
-        if len(next) not in self.runs:
-            self.runs[len(next)] = aot_compiled(Logits(self.model), args, self.store)
-        return self.runs[len(next)](args)
-
-    @torch.no_grad()
-    def step(self, before=lambda: None):
-        """One decoding step of every row: {slot: its next token}. before() is called just before the step's
-        compiled call, which lets go of Python's lock (the GIL) while it runs: a server's event loop can
-        write the last step's tokens out meanwhile, where after the step it would hold up the next."""
-        used = [slot for slot, row in enumerate(self.rows) if row is not None]
-        if not used:
-            return {}
-        n = min(w for w in self.widths if w > used[-1])
-        next, pos = torch.tensor(self.next[:n], device=self.device), torch.tensor(self.pos[:n], device=self.device)
-        # each row's draw from its own generator (free slots and greedy rows draw none) and temperature
-        sampled = [row is not None and row.temperature >= torch.finfo(torch.float32).tiny for row in self.rows[:n]]
-        u = torch.cat([torch.rand(1, 1, device=self.device, generator=row.generator) if draws else self.no_draw
-                       for row, draws in zip(self.rows, sampled)])
-        temperature = torch.tensor([[row.temperature if row else 0.0] for row in self.rows[:n]], device=self.device)
-        before()
-        tokens, logits = self.logits(next, pos, temperature, u)
-        picked = tokens[:, 0].tolist()
-        # rows with top_k or top_p: sampled again from the logits with the same draws, those of the same settings together
-        alike = {}
-        for slot in used:
-            row = self.rows[slot]
-            if row.top_k is not None or row.top_p is not None:
-                alike.setdefault((row.temperature, row.top_k, row.top_p), []).append(slot)
-        for (temperature, top_k, top_p), slots in alike.items():
-            u_rows = u[slots] if temperature >= torch.finfo(torch.float32).tiny else None
-            picks = sample_logits(logits[slots], temperature, top_k, top_p, u=u_rows).flatten().tolist()
-            for slot, token in zip(slots, picks):
-                picked[slot] = token
-        tokens = {slot: picked[slot] for slot in used}
-        for slot, token in tokens.items():
-            self.rows[slot].tokens.append(token)
-            self.pos[slot], self.next[slot] = self.pos[slot] + 1, token
-            if self.pos[slot] == self.block_size and self.slide == 'shift':
-                shift_window(self.model, [(k[slot:slot + 1], v[slot:slot + 1]) for k, v in self.layers], self.window_shift)
-                self.pos[slot] = self.block_size - self.window_shift
-            elif self.pos[slot] == self.block_size:  # full: re-read the last tokens, as stream does
-                self.read(slot, self.rows[slot].tokens[-(self.block_size - self.window_shift + 1):])
-        return tokens

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from batching import Batcher
 from common import (check_compiler, checkpoint_path, compiled_folder, die, get_device, get_dtype, keep_freed_memory,
                     load_for_generation, log, set_threads)
-from generate import Rows
+from rows import Rows
 from serve_limits import connection, open_files, out_of_files
 from tokenizer import prompt_ids
 
@@ -50,7 +50,7 @@ int8 = False  # as sample.py: int8 weights, for models large enough that reading
 threads = 0  # CPU threads torch computes with; 0: one per core but one, left to the web server (docs/serving.md)
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
 slide = 'reread'  # as sample.py: past block_size, 'reread' the tokens kept, or 'shift' the cache back (rotary models)
-compile = False  # compile the batched decoding step (generate.Rows): on the CPU ~1-2 min the first time for a checkpoint, kept in compiled/ beside it, then seconds to start; faster steps
+compile = False  # compile the batched decoding step (rows.Rows): on the CPU ~1-2 min the first time for a checkpoint, kept in compiled/ beside it, then seconds to start; faster steps
 fixed_batch = False  # decode all max_batch rows every step: a request's text (float32) never depends on the others in flight, at a slower step with few
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())

@@ -73,9 +73,9 @@ def continue_stories(model, enc, openings, max_new_tokens, temperature=0.8, top_
                      batch_size=16, window_shift=None):
     """[(continuation text, whether it ended with <|endoftext|>)] for each opening text (one cut at
     max_new_tokens is cut to whole words, as cut_tokens cuts the real ones), decoded
-    batch_size at a time by generate.Rows; story i draws from its own generator seeded seed + i,
+    batch_size at a time by rows.Rows; story i draws from its own generator seeded seed + i,
     so its text does not depend on which stories share its batch."""
-    from generate import Rows
+    from rows import Rows
     rows = Rows(model, max_rows=max(1, min(batch_size, len(openings))), window_shift=window_shift)
     todo, active, out = collections.deque(enumerate(openings)), {}, [None] * len(openings)
     while todo or active:

@@ -7,9 +7,10 @@ import torch
 from batching import Batcher
 from compiled import KEEP, tidy
 from conftest import tiny, train_step
-from generate import KVCache, Rows, generate, sample_logits, shift_window, stream
+from generate import KVCache, generate, sample_logits, shift_window, stream
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
+from rows import Rows
 
 
 @pytest.mark.parametrize('onednn', [True, False])
