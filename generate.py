@@ -171,12 +171,15 @@ def shift_window(model, layers, n):
         values[:, :, :-n] = values[:, :, n:].clone()
 
 
+# below float32's smallest normal number a temperature is greedy in all but name (and float32 rounds one
+# below ~1e-45 to 0, which would divide 0 by 0): sampling takes argmax and reads no draw
+GREEDY = torch.finfo(torch.float32).tiny
+
+
 def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
     """Pick one token per row from logits (B, vocab) with u (B, 1), uniform draws in [0, 1); None draws
     them from generator (torch's default one if None)."""
-    # below float32's smallest normal number a temperature is greedy in all but name (and float32
-    # rounds one below ~1e-45 to 0, which would divide 0 by 0)
-    if temperature < torch.finfo(torch.float32).tiny:
+    if temperature < GREEDY:
         return torch.argmax(logits, dim=-1, keepdim=True)
     # top_k / top_p work on the likeliest tokens sorted, and the pick maps back to its id: masking
     # the whole vocabulary and sampling it costs ~3x more (batch 8, 50,257 tokens: ~1.4 vs ~0.5 ms)
@@ -279,14 +282,14 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
     layers = [t.zero_() for kv in KVCache.empty(model.config, B, device, model.transformer.wte.weight.dtype).layers for t in kv]
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device).scatter_(1, idx, True)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    sampled = temperature >= torch.finfo(torch.float32).tiny  # else greedy, which reads no draws (as sample_logits)
+    sampled = temperature >= GREEDY
     u, token, positions = torch.zeros(B, 1, device=device), idx[:, -1:].clone(), torch.zeros(B, dtype=torch.long, device=device)
     step = compiled_step(model, (temperature, top_k, top_p, repetition_penalty, eos_token),
                          (token, positions, u, seen, done, *layers), store)
-    prefill = Prefill(model)
+    prefill = eager = Prefill(model)
     if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size and slide == 'reread'):  # AOTInductor's too, where it is read
-        run = aot_compiled(prefill, (tokens.new_zeros(B, 2), *layers), store, any_length=True)
-        prefill = lambda idx, *layers: run([idx.contiguous(), *layers]) if idx.size(1) > 1 else Prefill(model)(idx, *layers)
+        run = aot_compiled(eager, (tokens.new_zeros(B, 2), *layers), store, any_length=True)
+        prefill = lambda idx, *layers: run([idx.contiguous(), *layers]) if idx.size(1) > 1 else eager(idx, *layers)
     n, pos = T, block_size  # tokens so far; the cached positions, here a full cache, to read the prompt
     for _ in range(max_new_tokens):
         if pos == block_size and n > T and slide == 'shift':
