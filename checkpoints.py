@@ -1,14 +1,17 @@
 """What train.py needs of its checkpoints beyond loading one (common.load_checkpoint, which every script
-uses): the model a checkpoint holds checked against the run's, each process's random states to resume
-exactly, and a write that a kill or a full disk cannot leave half done."""
+uses): the model a checkpoint holds, checked against the run's, to resume or fine-tune; its optimizer and
+each process's random states to resume exactly; and a write that a kill or a full disk cannot leave half done."""
+import os
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from common import atomic_output, die
-from model import GPTConfig
+from common import atomic_output, die, load_checkpoint, log
+from model import GPT, GPTConfig
+from tokenizer import check_same, checkpoint_tokenizer
 
 # nanoGPT's model_args, which every train.py checkpoint holds too; GPTConfig's later options default to GPT-2's recipe
 NANOGPT_ARGS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'dropout')
@@ -42,6 +45,66 @@ def checkpoint_config(checkpoint, path, config, resume):
     if config.vocab_size > saved.vocab_size:
         die(f"the data's vocabulary ({config.vocab_size} tokens) is larger than that of {path} ({saved.vocab_size})")
     return saved
+
+
+def nanogpt_model_args(config):
+    """GPTConfig `config` as a checkpoint's model_args: its options join nanoGPT's only where they differ from its
+    defaults (GPT-2's recipe), so that nanoGPT reads a default model's checkpoint."""
+    return {k: v for k, v in asdict(config).items() if k in NANOGPT_ARGS or v != getattr(GPTConfig, k)}
+
+
+def load_for_training(path, init_from, device, config, tokenizer, data_dir, optimizer):
+    """The model of the checkpoint at `path`, and the checkpoint, for a run that resumes it (init_from='resume')
+    or fine-tunes it: checked against the run's GPTConfig `config`, tokenizer and optimizer, and cropped to
+    config.block_size."""
+    resume = init_from == 'resume'
+    if not os.path.isfile(path):
+        die(f"init_from=resume but there is no {path}: start the run without --init_from=resume, or check "
+            "--out_dir" if resume
+            else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
+    checkpoint = load_checkpoint(path, device)
+    check_same(tokenizer, checkpoint_tokenizer(checkpoint), data_dir, path)
+    saved = checkpoint_config(checkpoint, path, config, resume=resume)
+    if resume and checkpoint['config'].get('optimizer', 'adamw') != optimizer:
+        die(f"{path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}; "
+            f"resume it with that optimizer")
+    model = GPT(replace(config, vocab_size=saved.vocab_size, block_size=saved.block_size))
+    try:
+        model.load_state_dict(checkpoint['trained_model'] if resume and 'trained_model' in checkpoint
+                              else checkpoint['model'])
+    except RuntimeError as e:
+        die(f"{path} does not fit its own model_args: {str(e).splitlines()[0]}")
+    if config.block_size < saved.block_size:
+        model.crop_block_size(config.block_size)
+    return model, checkpoint
+
+
+def resume_state(checkpoint, path, opt, scaler, device_type, rank, world_size, seed):
+    """Go on with the optimizer, GradScaler and this process's random states of the checkpoint at `path`;
+    returns its iter_num and best_val_loss."""
+    iter_num = checkpoint['iter_num']
+    opt.load_state_dict(checkpoint['optimizer'])
+    if checkpoint.get('scaler'):
+        scaler.load_state_dict(checkpoint['scaler'])
+    rngs = checkpoint['rng']  # one per process
+    if len(rngs) == world_size:  # the same batches and dropout masks as a run that never stopped
+        set_rng_state(rngs[rank], device_type)
+    else:
+        if rank == 0:  # the master process
+            log(f"warning: {path} holds the random states of {len(rngs)} processes, not {world_size}: "
+                "each process starts a fresh stream, so this run will not repeat the batches of one that never stopped")
+        torch.manual_seed(seed + rank + iter_num)  # distinct, and not the streams of the first steps again
+    return iter_num, checkpoint['best_val_loss']
+
+
+def gather_rng_states(device_type, ddp, world_size):
+    """Every process's random states, rank by rank; under DDP every process must call it."""
+    rng = rng_state(device_type)
+    rngs = [rng]
+    if ddp:
+        rngs = [None] * world_size
+        dist.all_gather_object(rngs, rng)
+    return rngs
 
 
 def rng_state(device_type):

@@ -15,9 +15,8 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,12 +26,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import distributed
-from checkpoints import NANOGPT_ARGS, checkpoint_config, rng_state, set_rng_state, write_checkpoint
-from common import (autocast, compile_for_training, die, get_device, get_dtype, keep_freed_memory, load_checkpoint,
-                    lock_folder, log, open_split, read_meta, remove_stale_temps)
+from checkpoints import gather_rng_states, load_for_training, nanogpt_model_args, resume_state, write_checkpoint
+from common import autocast, compile_for_training, get_device, get_dtype, keep_freed_memory, log, read_meta
+from guards import check_settings, check_splits, claim_out_dir, diverged, refuse_to_replace
 from metrics import MetricsLog
 from model import GPT, GPTConfig
-from tokenizer import check_same, checkpoint_tokenizer, data_tokenizer
+from tokenizer import data_tokenizer
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -103,38 +102,12 @@ if min_lr is None:
     min_lr = config['min_lr'] = learning_rate / 10
 if muon_learning_rate is None:
     muon_learning_rate = config['muon_learning_rate'] = learning_rate
-# every setting's range, before anything is read or written: the training settings' here, the model's in GPTConfig,
-# dtype's in get_dtype (every script's precision rule) and threads' in set_threads
-for k in ('eval_interval', 'log_interval', 'eval_iters', 'batch_size', 'gradient_accumulation_steps'):
-    if globals()[k] < 1:
-        die(f"need {k} >= 1, got {k}={globals()[k]!r}")
-for k in ('patience', 'max_iters', 'weight_decay', 'grad_clip', 'warmup_iters', 'min_lr', 'peak_flops'):
-    if globals()[k] < 0:
-        die(f"need {k} >= 0, got {k}={globals()[k]!r}")
-for k in ('learning_rate', 'muon_learning_rate'):
-    if globals()[k] <= 0:
-        die(f"need {k} > 0, got {k}={globals()[k]!r}")
-for k in ('beta1', 'beta2', 'muon_momentum', 'ema'):
-    if not 0 <= globals()[k] < 1:
-        die(f"need 0 <= {k} < 1, got {k}={globals()[k]!r}")
-for k, choices in (('optimizer', ('adamw', 'muon')), ('backend', ('auto', 'nccl', 'gloo'))):
-    if globals()[k] not in choices:
-        die(f"need {k} in {choices}, got {k}={globals()[k]!r}")
-if decay_lr and lr_decay_iters < warmup_iters:
-    die(f"need not decay_lr or lr_decay_iters >= warmup_iters, got decay_lr={decay_lr!r}, "
-        f"lr_decay_iters={lr_decay_iters!r}, warmup_iters={warmup_iters!r}")
-try:  # with GPTConfig's default vocab_size until meta.json gives the data's
-    model_config = GPTConfig(**{f.name: config[f.name] for f in fields(GPTConfig) if f.name in config})
-except ValueError as e:
-    die(str(e))
+# every setting's range, before anything is read or written (vocab_size: GPTConfig's default until meta.json's)
+model_config = check_settings(config)
 threads = distributed.set_process_threads(threads)
 # -----------------------------------------------------------------------------
 
-# a new run would replace a trained model and reset its metrics.jsonl: only when asked to
-trained = [name for name in ('best.pt', 'last.pt') if os.path.exists(os.path.join(out_dir, name))]
-if trained and init_from != 'resume' and not eval_only and not overwrite:
-    die(f"{out_dir} already holds {', '.join(trained)} from an earlier run: continue it with --init_from=resume, "
-        "choose another --out_dir, or replace it with --overwrite=True")
+refuse_to_replace(out_dir, init_from, eval_only, overwrite)
 
 # torchrun starts one process per device and tells each its RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
@@ -160,22 +133,11 @@ meta = read_meta(data_dir, ckpt if init_from != 'scratch' and os.path.isfile(ckp
                  f'bpe:{bpe[1]}' if bpe and init_from == 'scratch' else '', splits=('train', 'validation'))
 tokenizer = data_tokenizer(data_dir, meta)  # stored in every checkpoint: sample.py and eval.py need no data_dir
 data_dtype = np.dtype(meta['dtype'])
-for split in ('train', 'validation'):
-    tokens = len(open_split(data_dir, meta, split))
-    if tokens <= block_size:
-        die(f"{data_dir}/{split}.bin holds {tokens} tokens, too few for block_size={block_size}: "
-            "use a smaller --block_size or more data")
+check_splits(data_dir, meta, block_size)
 model_config = replace(model_config, vocab_size=meta['vocab_size'])
 
 if master_process and not eval_only:
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()  # fail now, not at the first checkpoint
-    except OSError as e:
-        die(f"cannot write to out_dir {out_dir}: {e.strerror or e} (choose another --out_dir)")
-    # before anything lands in out_dir: two runs into one would mix their metrics.jsonl and checkpoints
-    lock_folder(out_dir, "choose another --out_dir")
-    remove_stale_temps(out_dir)  # a kill -9 mid-write leaves a checkpoint-sized NAME.tmpPID
+    claim_out_dir(out_dir)  # before anything lands in it
     metrics_log = MetricsLog(out_dir, tensorboard_log, wandb_log, wandb_project, wandb_run_name, config)
 
 
@@ -203,30 +165,11 @@ elif init_from in ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or os.path.is
     model.load_state_dict(state_dict)
 else:
     ckpt_path = os.path.join(out_dir, 'last.pt') if init_from == 'resume' else init_from
-    if not os.path.isfile(ckpt_path):
-        die(f"init_from=resume but there is no {ckpt_path}: start the run without --init_from=resume, or check "
-            "--out_dir" if init_from == 'resume'
-            else f"init_from={init_from} is neither scratch, resume nor a checkpoint file")
-    checkpoint = load_checkpoint(ckpt_path, device)
+    model, checkpoint = load_for_training(ckpt_path, init_from, device, model_config, tokenizer, data_dir, optimizer)
     if init_from == 'resume':
         started_from = checkpoint.get('started_from') or (checkpoint.get('config') or {}).get('init_from', 'scratch')
-    check_same(tokenizer, checkpoint_tokenizer(checkpoint), data_dir, ckpt_path)
-    saved = checkpoint_config(checkpoint, ckpt_path, model_config, resume=init_from == 'resume')
-    if init_from == 'resume' and checkpoint['config'].get('optimizer', 'adamw') != optimizer:
-        die(f"{ckpt_path} was trained with optimizer={checkpoint['config'].get('optimizer', 'adamw')}; "
-            f"resume it with that optimizer")
-    model = GPT(replace(model_config, vocab_size=saved.vocab_size, block_size=saved.block_size))
-    try:
-        model.load_state_dict(checkpoint['trained_model'] if init_from == 'resume' and 'trained_model' in checkpoint
-                              else checkpoint['model'])
-    except RuntimeError as e:
-        die(f"{ckpt_path} does not fit its own model_args: {str(e).splitlines()[0]}")
-    if block_size < saved.block_size:
-        model.crop_block_size(block_size)
 model.to(device)
-# GPTConfig's options join nanoGPT's model_args only where they differ from its defaults (GPT-2's recipe), so that
-# nanoGPT reads a default model's checkpoint
-model_args = {k: v for k, v in asdict(model.config).items() if k in NANOGPT_ARGS or v != getattr(GPTConfig, k)}
+model_args = nanogpt_model_args(model.config)
 
 # a GradScaler keeps small fp16 gradients from flushing to zero; it does nothing for other dtypes
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -236,18 +179,7 @@ opt = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), de
 lr_scales = [group['lr'] / learning_rate for group in opt.param_groups]  # the schedule scales every group alike
 iter_num, best_val_loss = 0, float('inf')
 if init_from == 'resume':
-    iter_num, best_val_loss = checkpoint['iter_num'], checkpoint['best_val_loss']
-    opt.load_state_dict(checkpoint['optimizer'])
-    if checkpoint.get('scaler'):
-        scaler.load_state_dict(checkpoint['scaler'])
-    rngs = checkpoint['rng']  # one per process
-    if len(rngs) == world_size:  # the same batches and dropout masks as a run that never stopped
-        set_rng_state(rngs[rank], device_type)
-    else:
-        if master_process:
-            log(f"warning: {ckpt_path} holds the random states of {len(rngs)} processes, not {world_size}: "
-                "each process starts a fresh stream, so this run will not repeat the batches of one that never stopped")
-        torch.manual_seed(seed + rank + iter_num)  # distinct, and not the streams of the first steps again
+    iter_num, best_val_loss = resume_state(checkpoint, ckpt_path, opt, scaler, device_type, rank, world_size, seed)
     if not eval_only:
         if master_process:
             log(f"resumed from iter {iter_num} of {max_iters}" if iter_num < max_iters else
@@ -314,11 +246,7 @@ if master_process:
 
 def save_checkpoint(names):
     """Every process calls it: each one's random state goes in, so that resume is exact under DDP too."""
-    rng = rng_state(device_type)
-    rngs = [rng]
-    if ddp:
-        rngs = [None] * world_size
-        dist.all_gather_object(rngs, rng)
+    rngs = gather_rng_states(device_type, ddp, world_size)
     if not master_process:
         return
     checkpoint = {
@@ -376,8 +304,7 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != resumed_at:
         train_loss, val_loss = estimate_loss()
         if not math.isfinite(train_loss + val_loss):
-            die(f"the evaluated loss is not finite at iter {iter_num}: training diverged (try a lower learning_rate); "
-                f"{out_dir}/last.pt keeps iter {saved_at}")
+            diverged('evaluated', iter_num, out_dir, saved_at)
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         evals_since_best = 0 if improved else evals_since_best + 1
@@ -418,10 +345,9 @@ while True:
         flags = torch.tensor([not math.isfinite(lossf), stop_signal != 0], dtype=torch.float32, device=device)
         if ddp:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        diverged, stop = flags.tolist()
-        if diverged:
-            die(f"the training loss is not finite at iter {iter_num}: training diverged (try a lower learning_rate); "
-                f"{out_dir}/last.pt keeps iter {saved_at}")
+        not_finite, stop = flags.tolist()
+        if not_finite:
+            diverged('training', iter_num, out_dir, saved_at)
     if grad_clip:
         scaler.unscale_(opt)  # clip the true gradients, not the fp16-scaled ones
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
