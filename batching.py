@@ -1,9 +1,9 @@
 """
-Requests decoded together, for a server (serve.py): a thread of its own owns the model and runs one
-step of rows.Rows for every request in flight, while the server's asyncio event loop hands it
+Requests decoded together, for a server (serve.py): a process of its own (decoder.py) owns the model and
+runs one step of rows.Rows for every request in flight, while the server's asyncio event loop hands it
 jobs and reads their tokens back as text.
-  batcher = Batcher(Rows(model, max_rows=8), enc, max_queue=32)
-  batcher.start()
+  batcher = Batcher(functools.partial(Rows, model, max_rows=8), enc, max_rows=8, max_queue=32)
+  batcher.start()  # the process makes its Rows with the picklable make_rows
   job = batcher.admit(ids, dict(temperature=0.8, seed=1), max_tokens=100)  # in the event loop; None: no place
   async for text, finish_reason in batcher.pieces(job, stop=['The end.']):
       ...
@@ -11,9 +11,14 @@ jobs and reads their tokens back as text.
   batcher.stop()
 """
 import asyncio
-import threading
+import itertools
+import os
+import pickle
+import socket
+import subprocess
+import sys
 import time
-from collections import deque
+from multiprocessing.connection import Connection
 
 from tokenizer import TextDecoder
 
@@ -21,121 +26,113 @@ from tokenizer import TextDecoder
 class Job:
     """A completion: its prompt and sampling options in, its tokens, then its finish_reason, out."""
 
-    def __init__(self, ids, options, max_tokens):
-        self.ids, self.options, self.max_tokens = ids, options, max_tokens
+    def __init__(self, key, ids, options, max_tokens):
+        self.key, self.ids, self.options, self.max_tokens = key, ids, options, max_tokens
         self.loop, self.out = asyncio.get_running_loop(), asyncio.Queue()
-        self.slot, self.made = None, 0  # the thread's: its row, the tokens it has made
         self.began = time.perf_counter()
 
     def send(self, item):
-        send([(self, item)])
-
-
-def send(items):
-    """Put each (job, item) on its job's queue, all in one call into the event loop (one wake-up a step)."""
-    if items:
+        """Put item on the queue, from any thread (a signal handler's too)."""
         try:
-            items[0][0].loop.call_soon_threadsafe(lambda: [job.out.put_nowait(item) for job, item in items])
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
         except RuntimeError:  # the event loop has closed: the server is shutting down
             pass
 
 
 class Batcher:
-    """The event loop admits a Job (it waits in `waiting`), and releases it (to `leaving`, or out of
-    `waiting`) once its client no longer wants it; the thread gives waiting jobs rows, steps them all,
-    and sends each its tokens. At most max_queue jobs beyond the rows have a place, streamed or not.
-    on_token(seconds, first) times each token as its job reads it: since admission for the first,
-    else since the one before."""
+    """The event loop admits a Job and sends it to the decoding process, and tells the process once the
+    job's client no longer wants it (release); the process gives waiting jobs rows, steps them all, and
+    sends each step's tokens back in one message, which the event loop reads as soon as it comes. At most
+    max_rows + max_queue jobs have a place, streamed or not. on_token(seconds, first) times each token as
+    its job reads it: since admission for the first, else since the one before."""
 
-    def __init__(self, rows, enc, max_queue, on_token=lambda seconds, first: None):
-        self.rows, self.enc, self.on_token = rows, enc, on_token
-        self.places = len(rows.rows) + max_queue
-        self.changed = threading.Condition()  # guards waiting, leaving and stopping, and wakes the thread
-        self.waiting, self.leaving, self.stopping = deque(), [], False
-        self.decoding = {}  # slot -> its Job; the thread's own
-        self.admitted = set()  # the event loop's: jobs from admission until released
-        self.generated = 0  # tokens made
-        self.thread = threading.Thread(target=self.decode_forever, name='decoding')
+    def __init__(self, make_rows, enc, max_rows, max_queue, on_token=lambda seconds, first: None):
+        self.make_rows, self.enc, self.max_rows, self.on_token = make_rows, enc, max_rows, on_token
+        self.places = max_rows + max_queue
+        self.admitted = set()  # jobs from admission until released
+        self.jobs = {}  # key -> the Job the process has, until it ends or is released
+        self.keys, self.generated = itertools.count(), 0  # tokens made
+        self.process = self.conn = self.loop = self.dead = None  # dead: the error once the process has died
 
     def start(self):
-        self.thread.start()
+        """Start the decoding process and wait until its Rows are made (compiled, if they compile); raises
+        RuntimeError with the reason if it cannot make them."""
+        mine, its = socket.socketpair()
+        with its:
+            self.process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'decoder.py'),
+                                             str(its.fileno())], pass_fds=[its.fileno()])
+        self.conn = Connection(mine.detach())
+        self.conn.send_bytes(pickle.dumps((self.make_rows, self.enc.eot_token)))
+        try:
+            reply = self.conn.recv()
+        except EOFError:
+            reply = ('failed', f"the decoding process ended before it was ready (exit status {self.process.wait()})")
+        if reply[0] == 'failed':
+            self.stop()
+            raise RuntimeError(reply[1])
 
     def stop(self):
-        with self.changed:
-            self.stopping = True
-            self.changed.notify()
-        self.thread.join()
+        if self.loop and not self.loop.is_closed():
+            self.loop.remove_reader(self.conn.fileno())
+        try:
+            self.conn.send(None)
+        except OSError:  # it has ended already
+            pass
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
 
-    def end(self, job):
-        """Take job's row away."""
-        self.rows.remove(job.slot)
-        del self.decoding[job.slot]
-        job.slot = None
+    @property
+    def decoding(self):
+        """Jobs in the process' rows (as the process last heard): the first max_rows in flight."""
+        return min(len(self.jobs), self.max_rows)
 
-    def decode_forever(self):
-        rows, decoding, eot = self.rows, self.decoding, self.enc.eot_token
-        out = []  # the last step's (job, item)s: sent as the next step runs (Rows.step's before), or before a wait
+    @property
+    def waiting(self):
+        return len(self.jobs) - self.decoding
 
-        def flush():
-            send(out[:])
-            out.clear()
-        while True:
-            if not decoding:
-                flush()
-            with self.changed:
-                self.changed.wait_for(lambda: self.stopping or self.waiting or self.leaving or decoding)
-                if self.stopping:
-                    return
-                gone, self.leaving[:] = self.leaving[:], []
-            for job in gone:
-                if job.slot is not None:
-                    self.end(job)
-            with self.changed:
-                new = [self.waiting.popleft() for _ in range(min(rows.free, len(self.waiting)))]
-            try:
-                if new:  # a prompt's read takes a while: the tokens wait for no one
-                    flush()
-                for job in new:
-                    job.slot = rows.add(job.ids, **job.options)
-                    decoding[job.slot] = job
-                tokens = rows.step(flush) if decoding else {}
-            except Exception as e:  # a fault of the device (out of memory): fail these requests, keep serving
-                flush()
-                for job in set(new) | set(decoding.values()):
-                    job.send(e)
-                    if job.slot is not None:
-                        self.end(job)
-                continue
-            self.generated += len(tokens)
-            for slot, token in tokens.items():
-                job = decoding[slot]
-                job.made += 1
-                out.append((job, token))
-                if token == eot or job.made == job.max_tokens:
-                    out.append((job, 'stop' if token == eot else 'length'))
-                    self.end(job)
+    def receive(self):
+        """Put each token and end the process sent on its job's queue (the event loop calls it when a step's are in)."""
+        try:
+            while self.conn.poll():
+                for key, item in self.conn.recv():
+                    job = self.jobs.get(key)
+                    if isinstance(item, int):
+                        self.generated += 1
+                    elif job:  # its end: the process has let it go
+                        del self.jobs[key]
+                    if job:
+                        job.out.put_nowait(item)
+        except (EOFError, OSError):  # it died: say so to every request, as to every one that comes
+            self.loop.remove_reader(self.conn.fileno())
+            self.dead = RuntimeError(f"the decoding process ended (exit status {self.process.wait()}): restart the server")
+            self.end_all(self.dead)
 
     def admit(self, ids, options, max_tokens):
         """A Job for the prompt ids with Rows.add's options, in line for a row; None when every place is taken."""
         if len(self.admitted) >= self.places:
             return None
-        job = Job(ids, options, max_tokens)
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            self.loop.add_reader(self.conn.fileno(), self.receive)
+        job = Job(next(self.keys), ids, options, max_tokens)
         self.admitted.add(job)
-        with self.changed:
-            self.waiting.append(job)
-            self.changed.notify()
+        if self.dead:
+            job.send(self.dead)
+        else:
+            self.jobs[job.key] = job
+            self.conn.send(('add', job.key, ids, options, max_tokens))
         return job
 
     def release(self, job):
         """Free job's row or place in the queue, once, however its request ended."""
         if job in self.admitted:
             self.admitted.discard(job)
-            with self.changed:
-                if job in self.waiting:
-                    self.waiting.remove(job)
-                else:
-                    self.leaving.append(job)
-                self.changed.notify()
+            if self.jobs.pop(job.key, None) is not None:
+                self.conn.send(('leave', job.key))
 
     def end_all(self, error):
         """End every job admitted now, raising error where it is read."""

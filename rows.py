@@ -131,10 +131,8 @@ class Rows:
         return self.runs[len(next)](args)
 
     @torch.no_grad()
-    def step(self, before=lambda: None):
-        """One decoding step of every row: {slot: its next token}. before() is called just before the step's
-        compiled call, which lets go of Python's lock (the GIL) while it runs: a server's event loop can
-        write the last step's tokens out meanwhile, where after the step it would hold up the next."""
+    def step(self):
+        """One decoding step of every row: {slot: its next token}."""
         used = [slot for slot, row in enumerate(self.rows) if row is not None]
         if not used:
             return {}
@@ -145,7 +143,6 @@ class Rows:
         u = torch.cat([torch.rand(1, 1, device=self.device, generator=row.generator) if draws else self.no_draw
                        for row, draws in zip(self.rows, sampled)])
         temperature = torch.tensor([[row.temperature if row else 0.0] for row in self.rows[:n]], device=self.device)
-        before()
         tokens, logits = self.logits(next, pos, temperature, u)
         picked = tokens[:, 0].tolist()
         # rows with top_k or top_p: sampled again from the logits with the same draws, those of the same settings together

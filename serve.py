@@ -3,8 +3,8 @@ Serve a model trained by train.py over HTTP: a page to write stories in, and Ope
   $ pip install -r requirements-serve.txt
   $ python serve.py --out_dir=out-cpu
 then open http://127.0.0.1:8000, or point any OpenAI client at base_url http://127.0.0.1:8000/v1.
-The requests in flight are decoded together: one thread owns the model and runs one batched step
-for all of them (batching.Batcher); the web server hands it requests and streams back their tokens.
+The requests in flight are decoded together: a process of its own owns the model and runs one batched
+step for all of them (batching.Batcher, decoder.py); the web server hands it requests and streams back their tokens.
 It trusts no one it need not: the API's routes want the key (api_key, or SERVE_API_KEY) where one is
 set, the Host header must name this server (against DNS rebinding), and every limit below holds.
 """
@@ -15,6 +15,7 @@ import secrets
 import signal
 import time
 import uuid
+from functools import partial
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -24,11 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from batching import Batcher
-from common import (check_compiler, checkpoint_path, compiled_folder, die, get_device, get_dtype, keep_freed_memory,
-                    load_for_generation, log, set_threads)
-from rows import Rows
+from common import checkpoint_path, die, load_checkpoint, log, set_threads
+from decoder import serve_rows
 from serve_limits import connection, open_files, out_of_files
-from tokenizer import prompt_ids
+from tokenizer import checkpoint_tokenizer, get_tokenizer, prompt_ids
 
 # -----------------------------------------------------------------------------
 out_dir = 'out-cpu'  # where train.py saved its checkpoints
@@ -68,23 +68,12 @@ elif host in ('127.0.0.1', '::1', 'localhost'):
 else:
     hosts = {'*'} if host in ('0.0.0.0', '::', '') else {host.lower(), f'[{host.lower()}]'}
 threads = set_threads(threads or max(1, set_threads() - 1))  # the event loop takes a core's share: its thread and OpenMP's would fight
-device = get_device(device)
-dtype = get_dtype(dtype, device.split(':')[0])
-keep_freed_memory(device.split(':')[0])
-if compile:
-    check_compiler(device.split(':')[0])
-
 path = checkpoint_path(out_dir, ckpt)
-model, enc, _ = load_for_generation(path, device, dtype, int8)
-try:
-    rows = Rows(model, max_rows=max_batch, window_shift=window_shift, compile=compile and compiled_folder(path),
-                fixed_batch=fixed_batch, slide=slide)
-except ValueError as e:
-    die(str(e))
-if compile:  # before the first request, which would otherwise wait for it
-    t0 = time.time()
-    rows.warm()
-    log(f"compiled the decoding step in {time.time() - t0:.0f} s")
+enc = get_tokenizer(checkpoint_tokenizer(load_checkpoint(path)))
+# the decoding process loads the model; made before the first request, which would otherwise wait for it
+batcher = Batcher(partial(serve_rows, path, device, dtype, int8, threads, compile, max_rows=max_batch,
+                          window_shift=window_shift, fixed_batch=fixed_batch, slide=slide), enc, max_batch, max_queue,
+                  on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
 # the model's id in the API: the out_dir's name (out-cpu), or the checkpoint file's
 model_name = os.path.basename(os.path.abspath(out_dir) if ckpt in ('best', 'last') else os.path.splitext(path)[0])
 created = int(os.path.getmtime(path))
@@ -118,7 +107,6 @@ busy = 0  # requests turned away with 429
 
 # -----------------------------------------------------------------------------
 # The web server: it only checks requests, hands them to the batcher and writes out what comes back.
-batcher = Batcher(rows, enc, max_queue, on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
 app = FastAPI(title='serve.py', docs_url=None, redoc_url=None)
 
 
@@ -259,15 +247,17 @@ async def page():
 
 @app.api_route('/health', methods=['GET', 'HEAD'])
 async def health():
-    return {'status': 'ok', 'active': len(batcher.decoding), 'waiting': len(batcher.waiting)}
+    if batcher.dead:  # a supervisor's cue to restart it
+        return error(503, str(batcher.dead), kind='server_error')
+    return {'status': 'ok', 'active': batcher.decoding, 'waiting': batcher.waiting}
 
 
 @app.get('/metrics')
 async def metrics():
     lines = []
     for name, kind, what, value in [
-            ('serve_requests_running', 'gauge', 'Requests decoding now.', len(batcher.decoding)),
-            ('serve_requests_waiting', 'gauge', 'Requests waiting for a free row.', len(batcher.waiting)),
+            ('serve_requests_running', 'gauge', 'Requests decoding now.', batcher.decoding),
+            ('serve_requests_waiting', 'gauge', 'Requests waiting for a free row.', batcher.waiting),
             ('serve_generation_tokens_total', 'counter', 'Tokens generated.', batcher.generated),
             ('serve_requests_rejected_total', 'counter', 'Requests turned away with 429: max_queue was full.',
              busy),
@@ -376,7 +366,10 @@ class Server(uvicorn.Server):
             super().handle_exit(sig, frame)
 
 
-batcher.start()
+try:
+    batcher.start()
+except RuntimeError as e:
+    die(str(e))
 log(f"serving {path} as {model_name} at http://{host}:{port} with {threads} threads (Ctrl-C stops)")
 if not api_key and '*' in hosts:
     log(f"warning: anyone who reaches {host}:{port} may use this server: set SERVE_API_KEY (or --api_key)")

@@ -1,5 +1,6 @@
 import asyncio
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -327,7 +328,7 @@ def test_batcher_writes_each_job_as_its_row_alone():
         return text, 'stop' if Characters.eot_token in tokens else 'length'
 
     async def serve():
-        batcher = Batcher(Rows(model, max_rows=2), Characters(), max_queue=1)
+        batcher = Batcher(partial(Rows, model, max_rows=2), Characters(), max_rows=2, max_queue=1)
         batcher.start()
         try:
             jobs = [batcher.admit(PROMPTS[i], dict(seed=i), 20) for i in range(3)]

@@ -488,6 +488,26 @@ def test_second_ctrl_c(random_dir):
         proc.kill()
 
 
+def test_decoding_process_dies(random_dir):
+    """When the decoding process dies, the requests in flight and those after end with an error that says
+    so, and /health answers 503 (a supervisor's cue to restart the server), which stays up."""
+    proc, port = start_server(random_dir, f'--max_tokens_limit={LONG}')
+    try:
+        stream, r = open_stream(port, **HOLD)
+        assert r.readline().startswith(b'data: {')
+        decoding = int(open(f'/proc/{proc.pid}/task/{proc.pid}/children').read().split()[0])
+        os.kill(decoding, signal.SIGKILL)
+        events = r.read().decode().split('\n\n')
+        stream.close()
+        assert 'the decoding process ended' in json.loads(events[-2].strip().removeprefix('data: '))['error']['message']
+        status, _, out = request(port, 'POST', '/v1/completions', {'prompt': 'Once', 'max_tokens': 2})
+        assert status == 500 and 'the decoding process ended (exit status -9)' in out['error']['message'], out
+        status, _, out = get(port, '/health')
+        assert status == 503 and 'restart the server' in out['error']['message']
+    finally:
+        stop_server(proc)
+
+
 def test_threads(random_dir):
     proc, port = start_server(random_dir, '--threads=2', env={'OMP_NUM_THREADS': '1'})
     stop_server(proc)
