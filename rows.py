@@ -57,11 +57,13 @@ class Rows:
     code as stream's does) one row or max_rows, each slow to make the first time. slide is stream's.
     fixed_batch=True always decodes all max_rows, so that a row's tokens never depend on the others (in
     float32 the same alone as in a full batch), where otherwise the kernels for another batch size may
-    round differently. A prompt is read alone. Not thread-safe."""
+    round differently. A prompt is read alone. wide_threads: the CPU threads a step of more than one row
+    computes with (0: torch's, as for all else). Not thread-safe."""
 
-    def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False, slide='reread'):
+    def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False, slide='reread',
+                 wide_threads=0):
         self.model, self.compile, self.store, self.runs = model, compile, None if compile is True else compile, {}
-        self.slide = slide
+        self.slide, self.wide_threads = slide, wide_threads
         if compile and model.transformer.wte.weight.device.type != 'cpu':
             self.compiled = torch.compile(Logits(model), fullgraph=True, dynamic=False)
         self.block_size = model.config.block_size
@@ -119,6 +121,15 @@ class Rows:
 
     def logits(self, next, pos, temperature, u):
         """Logits' (tokens, logits) for the first len(next) slots."""
+        threads = torch.get_num_threads()
+        if len(next) > 1 and self.wide_threads:
+            torch.set_num_threads(self.wide_threads)  # a compiled step keeps the count it was made with
+        try:
+            return self.run_logits(next, pos, temperature, u)
+        finally:
+            torch.set_num_threads(threads)
+
+    def run_logits(self, next, pos, temperature, u):
         if len(next) not in self.slots:  # the cache's first len(next) slots, kept: slicing 12 tensors a step costs ~20 us
             self.slots[len(next)] = [t[:len(next)] for kv in self.layers for t in kv]
         args = [next, pos, temperature, u] + self.slots[len(next)]

@@ -47,7 +47,7 @@ max_body_bytes = 1_000_000  # larger request bodies get 413 (20,000 characters, 
 max_connections = 512  # connections open at once (idle, sending or served); more are closed at once; at most ulimit -n allows
 request_timeout = 20.0  # seconds a connection has to send a whole request, head and body; slower ones are closed
 int8 = False  # as sample.py: int8 weights, for models large enough that reading weights bounds a step
-threads = 0  # CPU threads torch computes with; 0: one per core but one, left to the web server (docs/serving.md)
+threads = 0  # CPU threads torch computes with; 0: one per core but one for a lone request's step (the web server writes its tokens meanwhile), every core for wider ones (docs/serving.md)
 window_shift: int | None = None  # past block_size, forget this many oldest tokens at once; None: block_size // 4
 slide = 'reread'  # as sample.py: past block_size, 'reread' the tokens kept, or 'shift' the cache back (rotary models)
 compile = False  # compile the batched decoding step (rows.Rows): on the CPU ~1-2 min the first time for a checkpoint, kept in compiled/ beside it, then seconds to start; faster steps
@@ -67,13 +67,14 @@ elif host in ('127.0.0.1', '::1', 'localhost'):
     hosts = {'localhost', '127.0.0.1', '[::1]'}
 else:
     hosts = {'*'} if host in ('0.0.0.0', '::', '') else {host.lower(), f'[{host.lower()}]'}
-threads = set_threads(threads or max(1, set_threads() - 1))  # the event loop takes a core's share: its thread and OpenMP's would fight
+cores = set_threads()
+threads, wide_threads = (set_threads(threads),) * 2 if threads else (max(1, cores - 1), cores)
 path = checkpoint_path(out_dir, ckpt)
 enc = get_tokenizer(checkpoint_tokenizer(load_checkpoint(path)))
 # the decoding process loads the model; made before the first request, which would otherwise wait for it
-batcher = Batcher(partial(serve_rows, path, device, dtype, int8, threads, compile, max_rows=max_batch,
-                          window_shift=window_shift, fixed_batch=fixed_batch, slide=slide), enc, max_batch, max_queue,
-                  on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
+batcher = Batcher(partial(serve_rows, path, device, dtype, int8, threads, compile, max_rows=max_batch, slide=slide,
+                          window_shift=window_shift, fixed_batch=fixed_batch, wide_threads=wide_threads),
+                  enc, max_batch, max_queue, on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
 # the model's id in the API: the out_dir's name (out-cpu), or the checkpoint file's
 model_name = os.path.basename(os.path.abspath(out_dir) if ckpt in ('best', 'last') else os.path.splitext(path)[0])
 created = int(os.path.getmtime(path))
@@ -370,7 +371,8 @@ try:
     batcher.start()
 except RuntimeError as e:
     die(str(e))
-log(f"serving {path} as {model_name} at http://{host}:{port} with {threads} threads (Ctrl-C stops)")
+log(f"serving {path} as {model_name} at http://{host}:{port} with {threads} threads"
+    f"{f' ({wide_threads} for several requests)' if wide_threads != threads else ''} (Ctrl-C stops)")
 if not api_key and '*' in hosts:
     log(f"warning: anyone who reaches {host}:{port} may use this server: set SERVE_API_KEY (or --api_key)")
 server = Server(uvicorn.Config(app, host=host, port=port, http=Connection, backlog=backlog))

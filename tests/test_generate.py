@@ -291,6 +291,22 @@ def test_rows_decode_bf16_weights_over_their_float32_cache():
         assert got[i][:5] == generate(model, idx, 5, temperature=0)[0, idx.size(1):].tolist(), i
 
 
+def test_rows_wide_threads(monkeypatch):
+    """A step of more than one row computes with wide_threads, one of one row with the threads set, and the
+    count set is back after each; the tokens are those of a Rows without it."""
+    model, before = tiny(), torch.get_num_threads()
+    plain, wide = Rows(model, max_rows=2), Rows(model, max_rows=2, wide_threads=before + 1)
+    seen, run = [], wide.run_logits
+    monkeypatch.setattr(wide, 'run_logits', lambda *args: seen.append(torch.get_num_threads()) or run(*args))
+    for rows in (plain, wide):
+        rows.add(PROMPTS[0], temperature=0)
+    assert wide.step() == plain.step()
+    for rows in (plain, wide):
+        rows.add(PROMPTS[1], temperature=0)
+    assert [wide.step() for _ in range(3)] == [plain.step() for _ in range(3)]
+    assert seen == [before] + [before + 1] * 3 and torch.get_num_threads() == before
+
+
 def test_rows_join_and_leave():
     rows = Rows(tiny(), max_rows=2)
     a, b = rows.add([1, 2]), rows.add([3])
