@@ -2,8 +2,9 @@
 Requests decoded together, for a server (serve.py): a process of its own (decoder.py) owns the model and
 runs one step of rows.Rows for every request in flight, while the server's asyncio event loop hands it
 jobs and reads their tokens back as text.
-  batcher = Batcher(functools.partial(Rows, model, max_rows=8), enc, max_rows=8, max_queue=32)
-  batcher.start()  # the process makes its Rows with the picklable make_rows
+  batcher = Batcher(functools.partial(Rows, model, max_rows=8), max_rows=8, max_queue=32)
+  batcher.start()  # the process makes its Rows with the picklable make_rows, meanwhile...
+  batcher.ready(enc)  # ...until they are made
   job = batcher.admit(ids, dict(temperature=0.8, seed=1), max_tokens=100)  # in the event loop; None: no place
   async for text, finish_reason in batcher.pieces(job, stop=['The end.']):
       ...
@@ -11,6 +12,7 @@ jobs and reads their tokens back as text.
   batcher.stop()
 """
 import asyncio
+import atexit
 import itertools
 import os
 import pickle
@@ -46,23 +48,33 @@ class Batcher:
     max_rows + max_queue jobs have a place, streamed or not. on_token(seconds, first) times each token as
     its job reads it: since admission for the first, else since the one before."""
 
-    def __init__(self, make_rows, enc, max_rows, max_queue, on_token=lambda seconds, first: None):
-        self.make_rows, self.enc, self.max_rows, self.on_token = make_rows, enc, max_rows, on_token
+    def __init__(self, make_rows, max_rows, max_queue, on_token=lambda seconds, first: None):
+        self.make_rows, self.max_rows, self.on_token = make_rows, max_rows, on_token
         self.places = max_rows + max_queue
         self.admitted = set()  # jobs from admission until released
         self.jobs = {}  # key -> the Job the process has, until it ends or is released
         self.keys, self.generated = itertools.count(), 0  # tokens made
-        self.process = self.conn = self.loop = self.dead = None  # dead: the error once the process has died
+        self.process = self.conn = self.loop = self.enc = self.dead = None  # dead: the error once the process has died
 
     def start(self):
-        """Start the decoding process and wait until its Rows are made (compiled, if they compile); raises
-        RuntimeError with the reason if it cannot make them."""
+        """Start the decoding process: it makes its Rows with make_rows (compiled, if they compile) while the
+        caller goes on."""
         mine, its = socket.socketpair()
         with its:
             self.process = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), 'decoder.py'),
                                              str(its.fileno())], pass_fds=[its.fileno()])
+        atexit.register(self.process.kill)  # should the server end before it is ready (stop waits for it after)
         self.conn = Connection(mine.detach())
-        self.conn.send_bytes(pickle.dumps((self.make_rows, self.enc.eot_token)))
+        self.conn.send_bytes(pickle.dumps(self.make_rows))
+
+    def ready(self, enc):
+        """Wait until the process has made its Rows, to decode text of the tokenizer enc; returns the CPU threads
+        its steps compute with, of one row and of more. Raises RuntimeError with the reason if it could not."""
+        self.enc = enc
+        try:
+            self.conn.send(enc.eot_token)
+        except OSError:  # it has failed, and said why
+            pass
         try:
             reply = self.conn.recv()
         except EOFError:
@@ -70,6 +82,7 @@ class Batcher:
         if reply[0] == 'failed':
             self.stop()
             raise RuntimeError(reply[1])
+        return reply[1:]
 
     def stop(self):
         if self.loop and not self.loop.is_closed():

@@ -4,9 +4,10 @@ flight. It is a process, not a thread of the server's, so that its Python never 
 server's to let go of the interpreter's lock (the GIL): on a 2-core AMD EPYC a busy Python thread beside
 run.sh's compiled step made the step 30-100x slower, a busy process not at all.
 batching.Batcher starts it (python decoder.py FD) and talks to it over the socket FD, in messages:
-  in:  pickle.dumps((make_rows, eot)) first, then ('add', key, ids, options, max_tokens), ('leave', key),
-       or None (stop)
-  out: ('ready',) or ('failed', why) once, then a step's [(key, token, or 'stop'/'length', or an error)]
+  in:  pickle.dumps(make_rows), the <|endoftext|> token, then ('add', key, ids, options, max_tokens),
+       ('leave', key), or None (stop)
+  out: ('ready', threads, threads of wider steps) or ('failed', why) once, then a step's
+       [(key, token, or 'stop'/'length', or an error)]
 """
 import pickle
 import signal
@@ -17,12 +18,16 @@ from multiprocessing.connection import Connection
 
 def serve_rows(path, device, dtype, int8, threads, compile, **options):
     """serve.py's Rows (options: Rows' own) for the checkpoint at path, loaded as sample.py loads it (device
-    and dtype may be 'auto'), with its step compiled before the first request, which would otherwise wait."""
+    and dtype may be 'auto'), with its step compiled before the first request, which would otherwise wait.
+    threads=0: one per core but one for a step of one row, whose tokens the web server writes out
+    meanwhile, and every core for wider steps."""
     import time
 
     from common import (check_compiler, compiled_folder, get_device, get_dtype, keep_freed_memory, load_for_generation,
                         log, set_threads)
     from rows import Rows
+    cores = set_threads()
+    threads, wide_threads = (threads, threads) if threads else (max(1, cores - 1), cores)
     set_threads(threads)
     device = get_device(device)
     dtype = get_dtype(dtype, device.split(':')[0])
@@ -30,7 +35,7 @@ def serve_rows(path, device, dtype, int8, threads, compile, **options):
     if compile:
         check_compiler(device.split(':')[0])
     model, _, _ = load_for_generation(path, device, dtype, int8)
-    rows = Rows(model, compile=compile and compiled_folder(path), **options)
+    rows = Rows(model, compile=compile and compiled_folder(path), wide_threads=wide_threads, **options)
     if compile:
         t0 = time.time()
         rows.warm()
@@ -81,16 +86,17 @@ def decode(rows, conn, eot):
 
 
 if __name__ == '__main__':
+    import torch  # here, not above: serve.py imports serve_rows from this file without it
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's: it ends its requests, then stops this
     conn = Connection(int(sys.argv[1]))
     try:
-        make_rows, eot = pickle.loads(conn.recv_bytes())
-        rows = make_rows()
-    except (ValueError, SystemExit) as e:  # a setting Rows refuses, or die()'s line
-        conn.send(('failed', str(e.code if isinstance(e, SystemExit) else e).removeprefix('error: ')))
-        sys.exit(1)
-    try:
-        conn.send(('ready',))
+        try:
+            rows = pickle.loads(conn.recv_bytes())()
+        except (ValueError, SystemExit) as e:  # a setting Rows refuses, or die()'s line
+            conn.send(('failed', str(e.code if isinstance(e, SystemExit) else e).removeprefix('error: ')))
+            sys.exit(1)
+        eot, threads = conn.recv(), torch.get_num_threads()
+        conn.send(('ready', threads, rows.wide_threads or threads))
         decode(rows, conn, eot)
     except (EOFError, OSError):  # the server is gone
         pass

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from batching import Batcher
-from common import checkpoint_path, die, load_checkpoint, log, set_threads
+from common import checkpoint_path, die, load_checkpoint, log
 from decoder import serve_rows
 from serve_limits import connection, open_files, out_of_files
 from tokenizer import checkpoint_tokenizer, get_tokenizer, prompt_ids
@@ -67,14 +67,13 @@ elif host in ('127.0.0.1', '::1', 'localhost'):
     hosts = {'localhost', '127.0.0.1', '[::1]'}
 else:
     hosts = {'*'} if host in ('0.0.0.0', '::', '') else {host.lower(), f'[{host.lower()}]'}
-cores = set_threads()
-threads, wide_threads = (set_threads(threads),) * 2 if threads else (max(1, cores - 1), cores)
 path = checkpoint_path(out_dir, ckpt)
-enc = get_tokenizer(checkpoint_tokenizer(load_checkpoint(path)))
-# the decoding process loads the model; made before the first request, which would otherwise wait for it
+# the decoding process loads the model (and compiles its step) while this one loads the rest
 batcher = Batcher(partial(serve_rows, path, device, dtype, int8, threads, compile, max_rows=max_batch, slide=slide,
-                          window_shift=window_shift, fixed_batch=fixed_batch, wide_threads=wide_threads),
-                  enc, max_batch, max_queue, on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
+                          window_shift=window_shift, fixed_batch=fixed_batch),
+                  max_batch, max_queue, on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
+batcher.start()
+enc = get_tokenizer(checkpoint_tokenizer(load_checkpoint(path)))
 # the model's id in the API: the out_dir's name (out-cpu), or the checkpoint file's
 model_name = os.path.basename(os.path.abspath(out_dir) if ckpt in ('best', 'last') else os.path.splitext(path)[0])
 created = int(os.path.getmtime(path))
@@ -368,7 +367,7 @@ class Server(uvicorn.Server):
 
 
 try:
-    batcher.start()
+    threads, wide_threads = batcher.ready(enc)
 except RuntimeError as e:
     die(str(e))
 log(f"serving {path} as {model_name} at http://{host}:{port} with {threads} threads"

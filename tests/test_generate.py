@@ -344,8 +344,9 @@ def test_batcher_writes_each_job_as_its_row_alone():
         return text, 'stop' if Characters.eot_token in tokens else 'length'
 
     async def serve():
-        batcher = Batcher(partial(Rows, model, max_rows=2), Characters(), max_rows=2, max_queue=1)
+        batcher = Batcher(partial(Rows, model, max_rows=2), max_rows=2, max_queue=1)
         batcher.start()
+        batcher.ready(Characters())
         try:
             jobs = [batcher.admit(PROMPTS[i], dict(seed=i), 20) for i in range(3)]
             assert batcher.admit(PROMPTS[3], {}, 20) is None  # 2 rows and 1 place in the queue, all taken
