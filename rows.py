@@ -18,26 +18,50 @@ from generate import GREEDY, KVCache, Prefill, RowCache, check_options, sample_l
 class Logits(torch.nn.Module):
     """Rows' step, for torch.export: after each row's token next (B,) at its position pos (B,) over the
     cache (keys0, values0, ...), which takes them in, the logits (B, vocab) and a token (B, 1) sampled
-    at each row's temperature (B, 1) with its draw u (B, 1) (sample_rows)."""
+    at each row's temperature (B, 1), top_k (B, 1) and top_p (B, 1) with its draw u (B, 1) (sample_rows)."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.options = model, None
 
-    def forward(self, next, pos, temperature, u, *layers):
+    def forward(self, next, pos, temperature, u, top_k, top_p, *layers):
         x = self.model.hidden_states(next[:, None], RowCache(list(zip(layers[0::2], layers[1::2])), pos))
         logits = self.model.lm_head(x[:, -1, :]).float()
-        return sample_rows(logits, temperature, u), logits
+        return sample_rows(logits, temperature, u, top_k, top_p), logits
 
 
-def sample_rows(logits, temperature, u):
-    """sample_logits without top_k and top_p, each row at its own temperature (B, 1), 0 greedy, with its
-    draw u (B, 1): in one graph with the step it saves ~70 us of eager calls a step."""
+TOP_K = 256  # the most top_k that sample_rows samples in the step; larger, and top_p alone, are sampled eagerly
+
+
+def sample_rows(logits, temperature, u, top_k, top_p):
+    """sample_logits in one graph with the step, each row at its own settings: temperature (B, 1; 0
+    greedy), top_k (B, 1; 0 none, else at most TOP_K and below the vocabulary's size) and top_p among
+    those top_k (B, 1; inf none), with its own draw u (B, 1). The top-k work runs only in steps where a
+    row has top_k (torch.cond, compiled)."""
     greedy = temperature < GREEDY
-    probs = F.softmax((logits - logits.amax(dim=-1, keepdim=True)) / torch.where(greedy, 1.0, temperature), dim=-1)
+    temperature = torch.where(greedy, 1.0, temperature)
+    probs = F.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
+    operands = (logits, temperature, u, top_k, top_p, pick)
+    if torch.compiler.is_compiling():
+        pick = torch.cond((top_k > 0).any(), top_k_rows, lambda *args: args[-1].clone(), operands)
+    elif (top_k > 0).any():
+        pick = top_k_rows(*operands)
     return torch.where(greedy, logits.argmax(dim=-1, keepdim=True), pick)
+
+
+def top_k_rows(logits, temperature, u, top_k, top_p, pick):
+    """pick, with the rows of top_k > 0 sampled again as sample_logits does: among their top_k likeliest
+    tokens, sorted, those that top_p keeps."""
+    values, ids = torch.topk(logits, min(TOP_K, logits.size(-1)))
+    ranks = torch.arange(values.size(-1), device=values.device)
+    scaled = ((values - values[:, :1]) / temperature).masked_fill(ranks >= top_k, float('-inf'))
+    probs = F.softmax(scaled, dim=-1)
+    probs = probs.masked_fill((probs.cumsum(dim=-1) - probs >= top_p) & (ranks > 0), 0)
+    cdf = torch.cumsum(probs, dim=-1)
+    at = torch.minimum(torch.searchsorted(cdf, u * cdf[:, -1:], right=True), (top_k - 1).clamp(min=0))
+    return torch.where(top_k > 0, ids.gather(1, at), pick)
 
 
 class Row(NamedTuple):
@@ -66,7 +90,7 @@ class Rows:
         self.slide, self.wide_threads = slide, wide_threads
         if compile and model.transformer.wte.weight.device.type != 'cpu':
             self.compiled = torch.compile(Logits(model), fullgraph=True, dynamic=False)
-        self.block_size = model.config.block_size
+        self.block_size, self.vocab = model.config.block_size, model.config.vocab_size
         self.window_shift = window_shift_for(window_shift, self.block_size)
         check_options(window_shift=self.window_shift, block_size=self.block_size, slide=slide, pos_emb=model.config.pos_emb)
         self.widths = ([max_rows] if fixed_batch else [1, max_rows] if compile else
@@ -117,22 +141,23 @@ class Rows:
         self.read(0, [0] * 3)  # into a free slot, which add overwrites
         for n in self.widths:  # tensors of their own: inputs that alias one another would be compiled as one
             self.logits(*(torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(2)),
-                        *(torch.zeros(n, 1, device=self.device) for _ in range(2)))
+                        *(torch.zeros(n, 1, device=self.device) for _ in range(2)),
+                        torch.zeros(n, 1, dtype=torch.long, device=self.device), torch.zeros(n, 1, device=self.device))
 
-    def logits(self, next, pos, temperature, u):
+    def logits(self, next, pos, temperature, u, top_k, top_p):
         """Logits' (tokens, logits) for the first len(next) slots."""
         threads = torch.get_num_threads()
         if len(next) > 1 and self.wide_threads:
             torch.set_num_threads(self.wide_threads)  # a compiled step keeps the count it was made with
         try:
-            return self.run_logits(next, pos, temperature, u)
+            return self.run_logits(next, pos, temperature, u, top_k, top_p)
         finally:
             torch.set_num_threads(threads)
 
-    def run_logits(self, next, pos, temperature, u):
+    def run_logits(self, next, pos, temperature, u, top_k, top_p):
         if len(next) not in self.slots:  # the cache's first len(next) slots, kept: slicing 12 tensors a step costs ~20 us
             self.slots[len(next)] = [t[:len(next)] for kv in self.layers for t in kv]
-        args = [next, pos, temperature, u] + self.slots[len(next)]
+        args = [next, pos, temperature, u, top_k, top_p] + self.slots[len(next)]
         if not self.compile:
             return Logits(self.model)(*args)
         if self.device.type != 'cpu':
@@ -154,13 +179,19 @@ class Rows:
         u = torch.cat([torch.rand(1, 1, device=self.device, generator=row.generator) if draws else self.no_draw
                        for row, draws in zip(self.rows, sampled)])
         temperature = torch.tensor([[row.temperature if row else 0.0] for row in self.rows[:n]], device=self.device)
-        tokens, logits = self.logits(next, pos, temperature, u)
+        # top_k up to TOP_K, with its top_p, in the step; the others' rows sampled again eagerly below
+        most = min(TOP_K, self.vocab - 1)
+        inside = [row is not None and row.top_k is not None and row.top_k <= most for row in self.rows[:n]]
+        top_k = torch.tensor([[row.top_k if ok else 0] for row, ok in zip(self.rows, inside)], device=self.device)
+        top_p = torch.tensor([[row.top_p if ok and row.top_p is not None else float('inf')]
+                              for row, ok in zip(self.rows, inside)], device=self.device)
+        tokens, logits = self.logits(next, pos, temperature, u, top_k, top_p)
         picked = tokens[:, 0].tolist()
-        # rows with top_k or top_p: sampled again from the logits with the same draws, those of the same settings together
+        # rows with top_p alone or a larger top_k: sampled again from the logits with the same draws, those of the same settings together
         alike = {}
         for slot in used:
             row = self.rows[slot]
-            if row.top_k is not None or row.top_p is not None:
+            if not inside[slot] and (row.top_k is not None or row.top_p is not None):
                 alike.setdefault((row.temperature, row.top_k, row.top_p), []).append(slot)
         for (temperature, top_k, top_p), slots in alike.items():
             picks = sample_logits(logits[slots], temperature, top_k, top_p, u=u[slots]).flatten().tolist()

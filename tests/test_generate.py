@@ -11,7 +11,7 @@ from conftest import tiny, train_step
 from generate import KVCache, generate, sample_logits, shift_window, stream
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
-from rows import Rows
+from rows import TOP_K, Rows, sample_rows
 
 
 @pytest.mark.parametrize('onednn', [True, False])
@@ -269,6 +269,24 @@ def test_rows_decode_as_full_recompute_with_window_shift_1():
         assert got[i] == generate(model, idx, 30, temperature=0, use_cache=False)[0, idx.size(1):].tolist(), i
 
 
+def test_sample_rows_samples_as_sample_logits():
+    """Each row at its own settings (greedy, plain, top_k, top_k with top_p, up to TOP_K), with its own
+    draw, picks what sample_logits picks for that row alone: in the step, the same tokens."""
+    torch.manual_seed(0)
+    for vocab in (97, 1000):
+        settings = [(0.0, 0, None), (1.0, 0, None), (0.8, 5, None), (1.2, 50, 0.8), (1.0, min(TOP_K, vocab - 1), None),
+                    (0.7, 1, 0.5)]
+        for _ in range(50):
+            logits, u = torch.randn(len(settings), vocab) * 3, torch.rand(len(settings), 1)
+            temperature = torch.tensor([[t] for t, _, _ in settings])
+            top_k = torch.tensor([[k] for _, k, _ in settings])
+            top_p = torch.tensor([[float('inf') if p is None else p] for _, _, p in settings])
+            picks = sample_rows(logits, temperature, u, top_k, top_p).flatten().tolist()
+            for i, (t, k, p) in enumerate(settings):
+                alone = sample_logits(logits[i:i + 1], t, k or None, p, u=u[i:i + 1]).item()
+                assert picks[i] == alone, (vocab, settings[i])
+
+
 def test_compiled_rows_decode_as_eager_alone_or_among_eight():
     # one graph for every step (the shapes never change); greedy, with sharp logits: no near-ties
     model = tiny()
@@ -277,6 +295,9 @@ def test_compiled_rows_decode_as_eager_alone_or_among_eight():
     eager = decode_rows(model, [list(range(8))], temperature=0)
     assert decode_rows(model, [[i] for i in range(8)], temperature=0, compile=True) == eager
     assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], temperature=0, compile=True) == eager
+    # top_k sampled inside the compiled step (torch.cond), as eagerly
+    eager = decode_rows(model, [list(range(8))], temperature=1.0, top_k=20)
+    assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], temperature=1.0, top_k=20, compile=True) == eager
 
 
 def test_rows_decode_bf16_weights_over_their_float32_cache():
