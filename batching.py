@@ -26,10 +26,10 @@ from tokenizer import TextDecoder
 
 
 class Job:
-    """A completion: its prompt and sampling options in, its tokens, then its finish_reason, out."""
+    """A completion's key in the decoding process, and its queue: its tokens, then its finish_reason."""
 
-    def __init__(self, key, ids, options, max_tokens):
-        self.key, self.ids, self.options, self.max_tokens = key, ids, options, max_tokens
+    def __init__(self, key):
+        self.key = key
         self.loop, self.out = asyncio.get_running_loop(), asyncio.Queue()
         self.began = time.perf_counter()
 
@@ -131,7 +131,7 @@ class Batcher:
         if self.loop is None:
             self.loop = asyncio.get_running_loop()
             self.loop.add_reader(self.conn.fileno(), self.receive)
-        job = Job(next(self.keys), ids, options, max_tokens)
+        job = Job(next(self.keys))
         self.admitted.add(job)
         if self.dead:
             job.send(self.dead)

@@ -60,7 +60,7 @@ def tidy(store, name):
             os.remove(old)
 
 
-KEEP = 8  # packages kept in a folder, the last used: other settings, or code since changed
+KEEP = 16  # packages kept in a folder, the last used: sample.py's and serve.py's of each precision, other settings
 # a model's compiled programs, aot_compiled's (not an attribute of the model: torch.export copies those)
 COMPILED = weakref.WeakKeyDictionary()
 HASHED = weakref.WeakKeyDictionary()  # a model's (weights' addresses and versions, hash of their bytes): weights_hash's

@@ -75,10 +75,10 @@ def test_a_new_package_removes_older_weights_of_its_precision_and_all_but_the_la
         used(name, when)
     tidy(str(tmp_path), 'step-float32-bbbb-1111.pt2')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['step-bfloat16-aaaa-1111.pt2', 'step-float32-bbbb-1111.pt2']
-    for when in range(10):
+    for when in range(KEEP + 2):
         used(f'step-float32-bbbb-{when:04}.pt2', 10 + when)
-    tidy(str(tmp_path), 'step-float32-bbbb-0009.pt2')
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f'step-float32-bbbb-{when:04}.pt2' for when in range(10 - KEEP, 10)]
+    tidy(str(tmp_path), f'step-float32-bbbb-{KEEP + 1:04}.pt2')
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f'step-float32-bbbb-{when:04}.pt2' for when in range(2, KEEP + 2)]
 
 
 @pytest.mark.parametrize('prompt_len', [5, 16, 23])
