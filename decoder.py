@@ -2,7 +2,7 @@
 serve.py's decoding process: it owns the model and runs one step of rows.Rows for every request in
 flight. It is a process, not a thread of the server's, so that its Python never waits for the web
 server's to let go of the interpreter's lock (the GIL): on a 2-core AMD EPYC a busy Python thread beside
-run.sh's compiled step made the step 30-100x slower, a busy process not at all.
+run.sh's compiled step made the step 10-35x slower, a busy process not at all.
 batching.Batcher starts it (python decoder.py FD) and talks to it over the socket FD, in messages:
   in:  pickle.dumps(make_rows), the <|endoftext|> token, then ('add', key, ids, options, max_tokens),
        ('leave', key), or None (stop)
