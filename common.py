@@ -184,15 +184,16 @@ def lock_folder(folder, fix):
         os.write(fd, f"process {os.getpid()} ({' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))})"[:300].encode())
 
 
-def load_checkpoint(path, device='cpu'):
-    """Load a checkpoint written by train.py, safely (weights only), with readable errors."""
+def load_checkpoint(path, device='cpu', mmap=False):
+    """Load a checkpoint written by train.py, safely (weights only), with readable errors; mmap=True maps
+    its tensors from the file, read only where used (serve.py's web server reads just its tokenizer)."""
     import torch
     if not os.path.isfile(path):
         die(f"no checkpoint at {path} (train one first: python train.py config/cpu.py)")
     if os.path.getsize(path) == 0:  # torch.load's EOFError says nothing
         die(f"{path} is empty (0 bytes): a write cut off, or a copy that failed; train again, or use another checkpoint")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as e:
         why = (str(e).splitlines() or [''])[0] or type(e).__name__
         die(f"cannot read checkpoint {path}: {why} (is it a train.py checkpoint?)")

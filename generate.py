@@ -193,17 +193,26 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     top = logits[:, :1] if ids is not None else logits.amax(dim=-1, keepdim=True)
     probs = F.softmax((logits - top) / temperature, dim=-1)
     if top_p is not None and top_p < 1.0:
-        # drop a token once the likelier ones already reach top_p; the top token always stays, even
-        # where top_p rounds to 0 in float32 (below ~1e-45), which would drop them all
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[:, 0] = False
-        probs = probs.masked_fill(drop, 0)
-    # inverse-CDF sampling: torch.multinomial draws an exponential per vocabulary entry, which
-    # costs more than a whole cached forward pass of a small model on the CPU
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) if u is None else u
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
+        probs = top_p_kept(probs, top_p)
+    u = torch.rand(probs.size(0), 1, device=probs.device, generator=generator) if u is None else u
+    pick = inverse_cdf(probs, u, probs.size(-1) - 1)
     return pick if ids is None else ids.gather(1, pick)
+
+
+def top_p_kept(probs, top_p):
+    """probs (B, V), each row sorted likeliest first, with a token dropped (0) once the likelier ones already
+    reach top_p (a number, or (B, 1)); the top token always stays, even where top_p rounds to 0 in float32
+    (below ~1e-45), which would drop them all."""
+    later = torch.arange(probs.size(-1), device=probs.device) > 0  # no in-place writes: it runs inside torch.cond too
+    return probs.masked_fill((probs.cumsum(dim=-1) - probs >= top_p) & later, 0)
+
+
+def inverse_cdf(probs, u, last):
+    """The index (B, 1) where each row's draw u (B, 1), scaled to its total, falls in probs' (B, V) running
+    sum, at most last (a number, or (B, 1)): inverse-CDF sampling. torch.multinomial draws an exponential
+    per vocabulary entry, which costs more than a whole cached forward pass of a small model on the CPU."""
+    cdf = torch.cumsum(probs, dim=-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=last)
 
 
 @torch.no_grad()

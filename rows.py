@@ -12,7 +12,8 @@ import torch
 from torch.nn import functional as F
 
 from compiled import aot_compiled
-from generate import GREEDY, KVCache, Prefill, RowCache, check_options, sample_logits, shift_window, window_shift_for
+from generate import (GREEDY, KVCache, Prefill, RowCache, check_options, inverse_cdf, sample_logits, shift_window,
+                      top_p_kept, window_shift_for)
 
 
 class Logits(torch.nn.Module):
@@ -41,8 +42,7 @@ def sample_rows(logits, temperature, u, top_k, top_p):
     greedy = temperature < GREEDY
     temperature = torch.where(greedy, 1.0, temperature)
     probs = F.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
-    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=cdf.size(-1) - 1)
+    pick = inverse_cdf(probs, u, probs.size(-1) - 1)
     operands = (logits, temperature, u, top_k, top_p, pick)
     if torch.compiler.is_compiling():
         pick = torch.cond((top_k > 0).any(), top_k_rows, lambda *args: args[-1].clone(), operands)
@@ -57,10 +57,7 @@ def top_k_rows(logits, temperature, u, top_k, top_p, pick):
     values, ids = torch.topk(logits, min(TOP_K, logits.size(-1)))
     ranks = torch.arange(values.size(-1), device=values.device)
     scaled = ((values - values[:, :1]) / temperature).masked_fill(ranks >= top_k, float('-inf'))
-    probs = F.softmax(scaled, dim=-1)
-    probs = probs.masked_fill((probs.cumsum(dim=-1) - probs >= top_p) & (ranks > 0), 0)
-    cdf = torch.cumsum(probs, dim=-1)
-    at = torch.minimum(torch.searchsorted(cdf, u * cdf[:, -1:], right=True), (top_k - 1).clamp(min=0))
+    at = inverse_cdf(top_p_kept(F.softmax(scaled, dim=-1), top_p), u, (top_k - 1).clamp(min=0))
     return torch.where(top_k > 0, ids.gather(1, at), pick)
 
 
@@ -146,9 +143,10 @@ class Rows:
 
     def logits(self, next, pos, temperature, u, top_k, top_p):
         """Logits' (tokens, logits) for the first len(next) slots."""
+        if len(next) == 1 or not self.wide_threads:
+            return self.run_logits(next, pos, temperature, u, top_k, top_p)
         threads = torch.get_num_threads()
-        if len(next) > 1 and self.wide_threads:
-            torch.set_num_threads(self.wide_threads)  # a compiled step keeps the count it was made with
+        torch.set_num_threads(self.wide_threads)  # a compiled step keeps the count it was made with
         try:
             return self.run_logits(next, pos, temperature, u, top_k, top_p)
         finally:

@@ -73,7 +73,7 @@ batcher = Batcher(partial(serve_rows, path, device, dtype, int8, threads, compil
                           window_shift=window_shift, fixed_batch=fixed_batch),
                   max_batch, max_queue, on_token=lambda seconds, first: (ttft if first else per_token).observe(seconds))
 batcher.start()
-enc = get_tokenizer(checkpoint_tokenizer(load_checkpoint(path)))
+enc = get_tokenizer(checkpoint_tokenizer(load_checkpoint(path, mmap=True)))
 # the model's id in the API: the out_dir's name (out-cpu), or the checkpoint file's
 model_name = os.path.basename(os.path.abspath(out_dir) if ckpt in ('best', 'last') else os.path.splitext(path)[0])
 created = int(os.path.getmtime(path))
