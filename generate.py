@@ -11,7 +11,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from compiled import aot_compiled
+from compiled import aot_compiled, weights_version
 from model import rotate_half
 
 
@@ -108,7 +108,7 @@ def compiled_step(model, options, args, store=None):
     if model.transformer.wte.weight.device.type == 'cpu':
         run = aot_compiled(Step(model, options), args, store)
         return lambda *args: run(list(args))[0]
-    weights = ','.join(f'{t.data_ptr()}:{t._version}' for t in (*model.parameters(), *model.buffers()))
+    weights = weights_version(model)
     cuda = model.transformer.wte.weight.device.type == 'cuda'
     if getattr(model, 'compiled_next_tokens', None) is None:
         def step(weights, options, token, pos, u, seen, done, *layers):

@@ -94,7 +94,8 @@ class Rows:
                        sorted({min(max_rows, 1 << i) for i in range(max_rows.bit_length() + 1)}))
         weight = model.transformer.wte.weight  # (lm_head may hold int8 weights)
         self.device = weight.device
-        dtype = torch.float32 if self.device.type == 'cpu' else weight.dtype  # as stream's eager cache
+        # as stream's cache: compiled, in the weights' precision (bf16 halves what a step reads); eager on the CPU, float32
+        dtype = torch.float32 if self.device.type == 'cpu' and not compile else weight.dtype
         # zeros: the plain attention weighs the unfilled positions by 0, and 0 * NaN (torch.empty's garbage) is NaN
         self.layers = [(k.zero_(), v.zero_()) for k, v in KVCache.empty(model.config, max_rows, self.device, dtype).layers]
         self.pos, self.next = [0] * max_rows, [0] * max_rows  # each row's cached positions and token to feed
