@@ -7,6 +7,7 @@ package in a folder so that a later process loads it instead of compiling.
 """
 import glob
 import hashlib
+import inspect
 import io
 import os
 import sys
@@ -36,12 +37,12 @@ def weights_hash(model, weights):
     return HASHED[model][1]
 
 
-def package_name(module, args, weights):
+def package_name(module, args, weights, lengths=None):
     """The file name of module's AOTInductor package for args: its kind, the weights' precision, a hash of them, then one
     of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
     torch, the CPU and the threads it runs on)."""
     rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
-                                module.options, [(a.shape, a.stride(), a.dtype) for a in args], inductor_settings())).encode())
+                                module.options, [(a.shape, a.stride(), a.dtype) for a in args], lengths, inductor_settings())).encode())
     for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[type(module).__module__]):
         with open(source.__file__, 'rb') as f:
             rest.update(f.read())
@@ -75,31 +76,35 @@ def weights_version(model):
     return ','.join(f'{t.data_ptr()}:{t._version}' for t in TENSORS[model])
 
 
-def aot_compiled(module, args, store=None, any_length=False):
+def aot_compiled(module, args, store=None, lengths=None):
     """module (generate.py's Step or Prefill, rows.py's Logits) compiled ahead of time for args by AOTInductor into one C++ call
     (inductor_settings'), the weights frozen in as constants: returns
     run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
     (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
     the package is kept there too, and another process loads it in a fraction of a second instead of
-    compiling (~30 s); when one is written, the folder is tidied (tidy). any_length: one program for every length of args[0]'s dimension 1, from 2 to block_size - 1."""
+    compiling (~30 s); when one is written, the folder is tidied (tidy). lengths=(shortest, longest): one
+    program for every length of args[0]'s dimension 1 between them."""
     model = module.model
     weights = weights_version(model)
-    shaped = args[1:] if any_length else args
-    key = (type(module), weights, module.options, tuple((a.shape, a.dtype) for a in shaped), torch.get_num_threads())
+    shaped = args[1:] if lengths else args
+    key = (type(module), weights, module.options, tuple((a.shape, a.dtype) for a in shaped), torch.get_num_threads(), lengths)
     kept = COMPILED.setdefault(model, {})
     if key in kept:
         return kept[key]
     for old in [k for k in kept if k[1] != weights]:
         del kept[old]
-    name = package_name(module, shaped, weights)
+    name = package_name(module, shaped, weights, lengths)
     path = store and os.path.join(store, name)
     if path and os.path.exists(path):
         package = path
         os.utime(path)  # used: the newest are kept
     else:
-        dims = ({1: torch.export.Dim('T', min=2, max=model.config.block_size - 1)}, (None,) * (len(args) - 1))
-        exported = torch.export.export(module.eval(), tuple(args), strict=False,
-                                       dynamic_shapes=dims if any_length else None)
+        dims = None
+        if lengths:  # forward(first, ..., *layers): a spec for each named argument, a tuple of them for the layers
+            named = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+            dims = ({1: torch.export.Dim('T', min=lengths[0], max=lengths[1])}, *(None,) * (named - 1),
+                    (None,) * (len(args) - named))
+        exported = torch.export.export(module.eval(), tuple(args), strict=False, dynamic_shapes=dims)
         package = io.BytesIO()
         torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=inductor_settings())
         package.seek(0)

@@ -23,9 +23,11 @@ class KVCache:
         self.layers, self.pos = layers, pos  # [(keys, values) of each layer], each (B, n_head, block_size, head_dim)
 
     @classmethod
-    def empty(cls, config, batch_size, device, dtype):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        return cls([(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+    def empty(cls, config, batch_size, device, dtype, spare=False):
+        """spare: each tensor a view of block_size positions of block_size + 1, for a compiled step that reads
+        the first L (RowCache's span), which torch.export would fix at block_size where those were a whole tensor."""
+        shape = (batch_size, config.n_head, config.block_size + spare, config.n_embd // config.n_head)
+        return cls([tuple(torch.empty(shape, device=device, dtype=dtype)[:, :, :config.block_size] for _ in 'kv')
                     for _ in range(config.n_layer)])
 
     def positions(self, T):
@@ -53,14 +55,15 @@ def step_logits(model, idx, layers, pos):
     return model.lm_head(model.hidden_states(idx, KVCache(layers, pos))[:, -1:, :])
 
 
-def next_tokens(model, token, pos, layers, u, seen, done, temperature, top_k, top_p, repetition_penalty, eos_token):
+def next_tokens(model, token, pos, layers, u, seen, done, temperature, top_k, top_p, repetition_penalty, eos_token,
+                span=None):
     """One decoding step with its sampling, whole, for torch.compile to make one call of (compiled_step):
     the rows' last tokens (B, 1) at positions pos (B,) over the keys and values in layers (each of
     block_size positions, whatever the step: one graph serves them all), u (B, 1) the uniform draws
     to sample with (None: greedy), seen (B, vocab) the tokens each row holds (for repetition_penalty),
-    done (B,) the rows that produced eos_token. Returns the next tokens (B, 1); pos, seen and done
-    move on in place."""
-    logits = model.lm_head(model.hidden_states(token, RowCache(layers, pos))[:, -1, :]).float()
+    done (B,) the rows that produced eos_token, span RowCache's. Returns the next tokens (B, 1); pos, seen
+    and done move on in place."""
+    logits = model.lm_head(model.hidden_states(token, RowCache(layers, pos, span))[:, -1, :]).float()
     if repetition_penalty != 1.0:  # as stream's: a token the row holds is penalised once, however often it came
         logits = torch.where(seen, torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty), logits)
     token = sample_logits(logits, temperature, top_k, top_p, u=u)
@@ -74,15 +77,16 @@ def next_tokens(model, token, pos, layers, u, seen, done, temperature, top_k, to
 
 
 class Step(torch.nn.Module):
-    """next_tokens for torch.export, its settings fixed and its tensors flat: forward(token, pos, u, seen,
-    done, keys0, values0, keys1, ...)."""
+    """next_tokens for torch.export, its settings fixed and its tensors flat: forward(span, token, pos, u,
+    seen, done, keys0, values0, keys1, ...)."""
 
     def __init__(self, model, options):
         super().__init__()
         self.model, self.options = model, options
 
-    def forward(self, token, pos, u, seen, done, *layers):
-        return next_tokens(self.model, token, pos, list(zip(layers[0::2], layers[1::2])), u, seen, done, *self.options)
+    def forward(self, span, token, pos, u, seen, done, *layers):
+        return next_tokens(self.model, token, pos, list(zip(layers[0::2], layers[1::2])), u, seen, done, *self.options,
+                           span=span)
 
 
 class Prefill(torch.nn.Module):
@@ -100,21 +104,22 @@ class Prefill(torch.nn.Module):
 
 def compiled_step(model, options, args, store=None):
     """next_tokens with options (temperature, top_k, top_p, repetition_penalty, eos_token) for args
-    (token, pos, u, seen, done, keys0, values0, ...: as Step's forward) as one call of compiled code:
+    (span, token, pos, u, seen, done, keys0, values0, ...: as Step's forward) as one call of compiled code:
     returns step(*args) -> the next tokens, moving pos, seen, done and the cache on in place. On the
     CPU it is aot_compiled's (kept in store, if given); elsewhere torch.compile's, on CUDA one CUDA graph
     (mode='reduce-overhead'), made on first use and kept on the model. Either is made for the weights
     as they are now, and made again when they change (an optimizer step, load_state_dict)."""
     if model.transformer.wte.weight.device.type == 'cpu':
-        run = aot_compiled(Step(model, options), args, store)
+        run = aot_compiled(Step(model, options), args, store, lengths=(2, model.config.block_size))
         return lambda *args: run(list(args))[0]
     weights = weights_version(model)
     cuda = model.transformer.wte.weight.device.type == 'cuda'
     if getattr(model, 'compiled_next_tokens', None) is None:
-        def step(weights, options, token, pos, u, seen, done, *layers):
+        def step(weights, options, span, token, pos, u, seen, done, *layers):
             if not weights:  # read, so that torch.compile guards on it (it leaves an argument unread unguarded)
                 raise ValueError("a model without weights")
-            return next_tokens(model, token, pos, list(zip(layers[0::2], layers[1::2])), u, seen, done, *options)
+            return next_tokens(model, token, pos, list(zip(layers[0::2], layers[1::2])), u, seen, done, *options,
+                               span=span)
         model.compiled_next_tokens = torch.compile(step, fullgraph=True, dynamic=False, mode='reduce-overhead' if cuda else None)
     compiled = model.compiled_next_tokens
 
@@ -124,6 +129,24 @@ def compiled_step(model, options, args, store=None):
             return compiled(weights, options, *args).clone()
         return compiled(weights, options, *args)
     return step
+
+
+SPAN = 32  # a step on the CPU attends over the cache's first positions in whole multiples of SPAN (span_for)
+SPANS = {}  # span_for's tensors
+SPAN_MADE = 'made'  # span_for's pos for the span a step is compiled with
+
+
+def span_for(pos, block_size, device):
+    """RowCache's span (1, L) for rows at positions up to pos: on the CPU the first multiple of SPAN past pos,
+    at most block_size, elsewhere block_size (one compiled graph). The positions past every row's are
+    masked anyway: a step early in a story reads a fraction of the cache (the attention of 8 rows of
+    run.sh's model, compiled: ~19 us a layer at 32 positions, ~51 at 128)."""
+    if pos is SPAN_MADE:  # short of block_size: there the cache read is a whole tensor, and torch's reshape would fix L
+        pos = max(0, block_size - SPAN - 1)
+    L = block_size if torch.device(device).type != 'cpu' else min(block_size, (pos // SPAN + 1) * SPAN)
+    if (L, device) not in SPANS:
+        SPANS[L, device] = torch.empty(1, L, device=device)
+    return SPANS[L, device]
 
 
 def window_shift_for(window_shift, block_size):
@@ -288,16 +311,17 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
     tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=device)  # for re-reading the window
     tokens[:, :T] = idx
     # zeros: the step weighs the positions past each row's by 0, and 0 * NaN (torch.empty's garbage) is NaN
-    layers = [t.zero_() for kv in KVCache.empty(model.config, B, device, model.transformer.wte.weight.dtype).layers for t in kv]
+    layers = [t.zero_() for kv in KVCache.empty(model.config, B, device, model.transformer.wte.weight.dtype, spare=True).layers
+              for t in kv]
     seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device).scatter_(1, idx, True)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     sampled = temperature >= GREEDY
     u, token, positions = torch.zeros(B, 1, device=device), idx[:, -1:].clone(), torch.zeros(B, dtype=torch.long, device=device)
     step = compiled_step(model, (temperature, top_k, top_p, repetition_penalty, eos_token),
-                         (token, positions, u, seen, done, *layers), store)
+                         (span_for(SPAN_MADE, block_size, device), token, positions, u, seen, done, *layers), store)
     prefill = eager = Prefill(model)
     if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size and slide == 'reread'):  # AOTInductor's too, where it is read
-        run = aot_compiled(eager, (tokens.new_zeros(B, 2), *layers), store, any_length=True)
+        run = aot_compiled(eager, (tokens.new_zeros(B, 2), *layers), store, lengths=(2, block_size - 1))
         prefill = lambda idx, *layers: run([idx.contiguous(), *layers]) if idx.size(1) > 1 else eager(idx, *layers)
     n, pos = T, block_size  # tokens so far; the cached positions, here a full cache, to read the prompt
     for _ in range(max_new_tokens):
@@ -313,7 +337,7 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
             positions.fill_(pos)
         if sampled:
             u = torch.rand(B, 1, device=device)
-        token = step(token, positions, u, seen, done, *layers)
+        token = step(span_for(pos, block_size, device), token, positions, u, seen, done, *layers)
         tokens[:, n:n + 1] = token
         n, pos = n + 1, pos + 1
         yield token
@@ -322,10 +346,11 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
 
 
 class RowCache:
-    """A KVCache whose rows each sit at their own position, pos (B,), and take one new token a step."""
+    """A KVCache whose rows each sit at their own position, pos (B,), and take one new token a step; with
+    span (1, L), the attention reads only the first L positions, past every row's (span_for)."""
 
-    def __init__(self, layers, pos):
-        self.layers, self.pos = layers, pos
+    def __init__(self, layers, pos, span=None):
+        self.layers, self.pos, self.span = layers, pos, span
 
     def positions(self, T):
         return self.pos[:, None]
@@ -334,6 +359,8 @@ class RowCache:
         keys, values = self.layers[i]
         rows = torch.arange(len(self.pos), device=q.device)
         keys[rows, :, self.pos], values[rows, :, self.pos] = k[:, :, 0].to(keys.dtype), v[:, :, 0].to(values.dtype)
+        if self.span is not None:
+            keys, values = keys[:, :, :self.span.size(1)], values[:, :, :self.span.size(1)]
         seen = torch.arange(keys.size(2), device=q.device) <= self.pos[:, None]  # each row its own positions
         # the plain product, softmax and product: SDPA's CPU kernel splits its work by thread so that a
         # row's result depends on its slot in the batch (seen with 2 threads), and a row's text would

@@ -13,20 +13,20 @@ from torch.nn import functional as F
 
 from compiled import aot_compiled
 from generate import (GREEDY, KVCache, Prefill, RowCache, check_options, inverse_cdf, sample_logits, shift_window,
-                      top_p_kept, window_shift_for)
+                      SPAN_MADE, span_for, top_p_kept, window_shift_for)
 
 
 class Logits(torch.nn.Module):
     """Rows' step, for torch.export: after each row's token next (B,) at its position pos (B,) over the
-    cache (keys0, values0, ...), which takes them in, the logits (B, vocab) and a token (B, 1) sampled
+    cache (keys0, values0, ...), which takes them in, read as far as span (RowCache's), the logits (B, vocab) and a token (B, 1) sampled
     at each row's temperature (B, 1), top_k (B, 1) and top_p (B, 1) with its draw u (B, 1) (sample_rows)."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.options = model, None
 
-    def forward(self, next, pos, temperature, u, top_k, top_p, *layers):
-        x = self.model.hidden_states(next[:, None], RowCache(list(zip(layers[0::2], layers[1::2])), pos))
+    def forward(self, span, next, pos, temperature, u, top_k, top_p, *layers):
+        x = self.model.hidden_states(next[:, None], RowCache(list(zip(layers[0::2], layers[1::2])), pos, span))
         logits = self.model.lm_head(x[:, -1, :]).float()
         return sample_rows(logits, temperature, u, top_k, top_p), logits
 
@@ -84,7 +84,7 @@ class Rows:
     def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False, slide='reread',
                  wide_threads=0):
         self.model, self.compile, self.store, self.runs = model, compile, None if compile is True else compile, {}
-        self.slide, self.wide_threads = slide, wide_threads
+        self.slide, self.wide_threads, self.fixed_batch = slide, wide_threads, fixed_batch
         if compile and model.transformer.wte.weight.device.type != 'cpu':
             self.compiled = torch.compile(Logits(model), fullgraph=True, dynamic=False)
         self.block_size, self.vocab = model.config.block_size, model.config.vocab_size
@@ -97,7 +97,7 @@ class Rows:
         # as stream's cache: compiled, in the weights' precision (bf16 halves what a step reads); eager on the CPU, float32
         dtype = torch.float32 if self.device.type == 'cpu' and not compile else weight.dtype
         # zeros: the plain attention weighs the unfilled positions by 0, and 0 * NaN (torch.empty's garbage) is NaN
-        self.layers = [(k.zero_(), v.zero_()) for k, v in KVCache.empty(model.config, max_rows, self.device, dtype).layers]
+        self.layers = [(k.zero_(), v.zero_()) for k, v in KVCache.empty(model.config, max_rows, self.device, dtype, spare=True).layers]
         self.pos, self.next = [0] * max_rows, [0] * max_rows  # each row's cached positions and token to feed
         self.rows, self.slots = [None] * max_rows, {}
         self.no_draw = torch.zeros(1, 1, device=self.device)
@@ -127,7 +127,7 @@ class Rows:
         layers = [t[slot:slot + 1] for kv in self.layers for t in kv]  # views of slot's row
         idx = torch.tensor([ids[:-1]], device=self.device)
         if len(ids) > 2 and self.compile and self.device.type == 'cpu':
-            aot_compiled(Prefill(self.model), (idx, *layers), self.store, any_length=True)([idx, *layers])
+            aot_compiled(Prefill(self.model), (idx, *layers), self.store, lengths=(2, self.block_size - 1))([idx, *layers])
         elif len(ids) > 1:
             Prefill(self.model)(idx, *layers)
         self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
@@ -137,32 +137,33 @@ class Rows:
         """Make the step of every width and the prompts' read (compile: before the first rows, which would
         wait for them)."""
         self.read(0, [0] * 3)  # into a free slot, which add overwrites
+        span = span_for(SPAN_MADE, self.block_size, self.device)
         for n in self.widths:  # tensors of their own: inputs that alias one another would be compiled as one
-            self.logits(*(torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(2)),
+            self.logits(span, *(torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(2)),
                         *(torch.zeros(n, 1, device=self.device) for _ in range(2)),
                         torch.zeros(n, 1, dtype=torch.long, device=self.device), torch.zeros(n, 1, device=self.device))
 
-    def logits(self, next, pos, temperature, u, top_k, top_p):
+    def logits(self, span, next, pos, temperature, u, top_k, top_p):
         """Logits' (tokens, logits) for the first len(next) slots."""
         if len(next) == 1 or not self.wide_threads:
-            return self.run_logits(next, pos, temperature, u, top_k, top_p)
+            return self.run_logits(span, next, pos, temperature, u, top_k, top_p)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.wide_threads)  # a compiled step keeps the count it was made with
         try:
-            return self.run_logits(next, pos, temperature, u, top_k, top_p)
+            return self.run_logits(span, next, pos, temperature, u, top_k, top_p)
         finally:
             torch.set_num_threads(threads)
 
-    def run_logits(self, next, pos, temperature, u, top_k, top_p):
+    def run_logits(self, span, next, pos, temperature, u, top_k, top_p):
         if len(next) not in self.slots:  # the cache's first len(next) slots, kept: slicing 12 tensors a step costs ~20 us
             self.slots[len(next)] = [t[:len(next)] for kv in self.layers for t in kv]
-        args = [next, pos, temperature, u, top_k, top_p] + self.slots[len(next)]
+        args = [span, next, pos, temperature, u, top_k, top_p] + self.slots[len(next)]
         if not self.compile:
             return Logits(self.model)(*args)
         if self.device.type != 'cpu':
             return self.compiled(*args)
         if len(next) not in self.runs:
-            self.runs[len(next)] = aot_compiled(Logits(self.model), args, self.store)
+            self.runs[len(next)] = aot_compiled(Logits(self.model), args, self.store, lengths=(2, self.block_size))
         return self.runs[len(next)](args)
 
     @torch.no_grad()
@@ -184,7 +185,9 @@ class Rows:
         top_k = torch.tensor([[row.top_k if ok else 0] for row, ok in zip(self.rows, inside)], device=self.device)
         top_p = torch.tensor([[row.top_p if ok and row.top_p is not None else float('inf')]
                               for row, ok in zip(self.rows, inside)], device=self.device)
-        tokens, logits = self.logits(next, pos, temperature, u, top_k, top_p)
+        # the attention reads as far as the furthest row (span_for); with fixed_batch, the whole cache always
+        span = span_for(self.block_size - 1 if self.fixed_batch else max(self.pos[:n]), self.block_size, self.device)
+        tokens, logits = self.logits(span, next, pos, temperature, u, top_k, top_p)
         picked = tokens[:, 0].tolist()
         # rows with top_p alone or a larger top_k: sampled again from the logits with the same draws, those of the same settings together
         alike = {}

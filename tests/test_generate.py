@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 
+import generate as generate_module
 from batching import Batcher
 from compiled import KEEP, tidy
 from conftest import tiny, train_step
@@ -42,8 +43,9 @@ def test_compiled_decode_equals_full_recompute_and_follows_a_weight_change(optio
     torch.manual_seed(0)
     config = GPTConfig(block_size=16, vocab_size=97, n_layer=2, n_head=2, n_embd=32, **options)
     model, idx, kept = GPT(config).eval(), torch.randint(97, (2, 5)), []
-    if not options:
+    if not options:  # the attention reading the cache as far as the rows in steps of 4 positions: one program for all
         full = generate(model, idx, 20, temperature=0, use_cache=False)
+        monkeypatch.setattr(generate_module, 'SPAN', 4)
         assert torch.equal(generate(model, idx, 20, temperature=0, compile=True), full)
         return
     monkeypatch.setenv('TORCHINDUCTOR_MAX_AUTOTUNE', '1')
@@ -245,7 +247,7 @@ def test_a_step_decodes_the_slots_in_use_rounded_up_to_a_power_of_two():
     rows = Rows(model, max_rows=8)
     seen = []
     eager_logits = rows.logits
-    rows.logits = lambda next, *args: seen.append(len(next)) or eager_logits(next, *args)
+    rows.logits = lambda span, next, *args: seen.append(len(next)) or eager_logits(span, next, *args)
     for slot in range(6):
         rows.add(PROMPTS[slot], temperature=0)
     for leaving, width in ((5, 8), (4, 4), (2, 4), (3, 2), (1, 1)):
@@ -259,11 +261,14 @@ def test_a_step_decodes_the_slots_in_use_rounded_up_to_a_power_of_two():
     assert decode_rows(model, [[i] for i in range(8)], temperature=0, fixed_batch=False) == fixed
 
 
-def test_rows_decode_as_full_recompute_with_window_shift_1():
+@pytest.mark.parametrize('span', [None, 4])
+def test_rows_decode_as_full_recompute_with_window_shift_1(span, monkeypatch):
+    # span: the attention reads the cache as far as the furthest row, in steps of 4 positions
     model = tiny()
     with torch.no_grad():
         model.lm_head.weight.mul_(10)  # sharp logits: no near-ties for greedy to break
-    got = decode_rows(model, [list(range(8))], temperature=0, window_shift=1)
+    monkeypatch.setattr(generate_module, 'SPAN', span or generate_module.SPAN)
+    got = decode_rows(model, [list(range(8))], temperature=0, window_shift=1, fixed_batch=span is None)
     for i, prompt in enumerate(PROMPTS):
         idx = torch.tensor([prompt[-16:]])
         assert got[i] == generate(model, idx, 30, temperature=0, use_cache=False)[0, idx.size(1):].tolist(), i
@@ -287,7 +292,7 @@ def test_sample_rows_samples_as_sample_logits():
                 assert picks[i] == alone, (vocab, settings[i])
 
 
-def test_compiled_rows_decode_as_eager_alone_or_among_eight():
+def test_compiled_rows_decode_as_eager_alone_or_among_eight(monkeypatch):
     # one graph for every step (the shapes never change); greedy, with sharp logits: no near-ties
     model = tiny()
     with torch.no_grad():
@@ -295,6 +300,10 @@ def test_compiled_rows_decode_as_eager_alone_or_among_eight():
     eager = decode_rows(model, [list(range(8))], temperature=0)
     assert decode_rows(model, [[i] for i in range(8)], temperature=0, compile=True) == eager
     assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], temperature=0, compile=True) == eager
+    # one program for every span of the cache the attention reads (here in steps of 4 positions)
+    monkeypatch.setattr(generate_module, 'SPAN', 4)
+    assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], temperature=0, compile=True, fixed_batch=False) == eager
+    monkeypatch.undo()
     # top_k sampled inside the compiled step (torch.cond), as eagerly
     eager = decode_rows(model, [list(range(8))], temperature=1.0, top_k=20)
     assert decode_rows(model, [[0, 3, 5], [1, 2, 4, 6, 7]], temperature=1.0, top_k=20, compile=True) == eager
