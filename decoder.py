@@ -20,7 +20,7 @@ def serve_rows(path, device, dtype, int8, threads, compile, **options):
     """serve.py's Rows (options: Rows' own) for the checkpoint at path, loaded as sample.py loads it (device
     and dtype may be 'auto'), with its step compiled before the first request, which would otherwise wait.
     threads=0: one per core but one for a step of one row, whose tokens the web server writes out
-    meanwhile, and every core for wider steps."""
+    meanwhile, and every core for wider steps and for reading a prompt (or re-reading the window)."""
     import time
 
     from common import (check_compiler, compiled_folder, get_device, get_dtype, keep_freed_memory, load_for_generation,

@@ -79,7 +79,7 @@ class Rows:
     fixed_batch=True always decodes all max_rows, so that a row's tokens never depend on the others (in
     float32 the same alone as in a full batch), where otherwise the kernels for another batch size may
     round differently. A prompt is read alone. wide_threads: the CPU threads a step of more than one row
-    computes with (0: torch's, as for all else). Not thread-safe."""
+    and a prompt's read compute with (0: torch's, as for all else). Not thread-safe."""
 
     def __init__(self, model, max_rows=8, window_shift=None, compile=False, fixed_batch=False, slide='reread',
                  wide_threads=0):
@@ -126,10 +126,13 @@ class Rows:
         """Fill slot's cache with all of ids but the last, alone, which the next step feeds."""
         layers = [t[slot:slot + 1] for kv in self.layers for t in kv]  # views of slot's row
         idx = torch.tensor([ids[:-1]], device=self.device)
-        if len(ids) > 2 and self.compile and self.device.type == 'cpu':
-            aot_compiled(Prefill(self.model), (idx, *layers), self.store, lengths=(2, self.block_size - 1))([idx, *layers])
-        elif len(ids) > 1:
-            Prefill(self.model)(idx, *layers)
+
+        def prefill():
+            if len(ids) > 2 and self.compile and self.device.type == 'cpu':
+                aot_compiled(Prefill(self.model), (idx, *layers), self.store, lengths=(2, self.block_size - 1))([idx, *layers])
+            elif len(ids) > 1:
+                Prefill(self.model)(idx, *layers)
+        self.wide(prefill)  # many tokens at once (a window's re-read: ~100), with every core
         self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
 
     @torch.no_grad()
@@ -145,12 +148,18 @@ class Rows:
 
     def logits(self, span, next, pos, temperature, u, top_k, top_p):
         """Logits' (tokens, logits) for the first len(next) slots."""
-        if len(next) == 1 or not self.wide_threads:
+        if len(next) == 1:
             return self.run_logits(span, next, pos, temperature, u, top_k, top_p)
+        return self.wide(self.run_logits, span, next, pos, temperature, u, top_k, top_p)
+
+    def wide(self, run, *args):
+        """run(*args) computing with wide_threads, if set."""
+        if not self.wide_threads:
+            return run(*args)
         threads = torch.get_num_threads()
-        torch.set_num_threads(self.wide_threads)  # a compiled step keeps the count it was made with
+        torch.set_num_threads(self.wide_threads)  # a compiled program keeps the count it was made with
         try:
-            return self.run_logits(span, next, pos, temperature, u, top_k, top_p)
+            return run(*args)
         finally:
             torch.set_num_threads(threads)
 

@@ -9,7 +9,7 @@ import generate as generate_module
 from batching import Batcher
 from compiled import KEEP, tidy
 from conftest import tiny, train_step
-from generate import KVCache, generate, sample_logits, shift_window, stream
+from generate import KVCache, Prefill, generate, sample_logits, shift_window, stream
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
 from rows import TOP_K, Rows, sample_rows
@@ -322,14 +322,16 @@ def test_rows_decode_bf16_weights_over_their_float32_cache():
 
 
 def test_rows_wide_threads(monkeypatch):
-    """A step of more than one row computes with wide_threads, one of one row with the threads set, and the
-    count set is back after each; the tokens are those of a Rows without it."""
+    """A step of more than one row and a prompt's read compute with wide_threads, a step of one row with the
+    threads set, and the count set is back after each; the tokens are those of a Rows without it."""
     model, before = tiny(), torch.get_num_threads()
     plain, wide = Rows(model, max_rows=2), Rows(model, max_rows=2, wide_threads=before + 1)
-    seen, run = [], wide.run_logits
+    seen, run, read, forward = [], wide.run_logits, [], Prefill.forward
     monkeypatch.setattr(wide, 'run_logits', lambda *args: seen.append(torch.get_num_threads()) or run(*args))
+    monkeypatch.setattr(Prefill, 'forward', lambda *args: read.append(torch.get_num_threads()) or forward(*args))
     for rows in (plain, wide):
         rows.add(PROMPTS[0], temperature=0)
+    assert read == [before, before + 1]  # the prompt is read with wide_threads
     assert wide.step() == plain.step()
     for rows in (plain, wide):
         rows.add(PROMPTS[1], temperature=0)
