@@ -19,10 +19,13 @@ import layouts
 from common import atomic_output, log
 
 
-def inductor_settings():
-    """Freezing (the weights become constants) and the search for the fastest C++ GEMMs, which inductor's
-    own TORCHINDUCTOR_MAX_AUTOTUNE=0 skips: half the compile, with kernels picked untimed."""
-    return dict(freezing=True, max_autotune=os.environ.get('TORCHINDUCTOR_MAX_AUTOTUNE') != '0',
+def inductor_settings(autotune=True):
+    """Freezing (the weights become constants) and, with autotune, the search for the fastest C++ GEMMs,
+    which inductor's own TORCHINDUCTOR_MAX_AUTOTUNE=0 skips: half the compile, with kernels picked untimed.
+    Without it the products are oneDNN's: for a prompt's read, whose length is free, inductor's C++ GEMM
+    took 1.4-3.6x longer (run.sh's model, 96 tokens, 2 threads: float32 7.0-7.2 ms against 4.8-5.1, bf16
+    9.5-11.3 against 2.6-4.0)."""
+    return dict(freezing=True, max_autotune=autotune and os.environ.get('TORCHINDUCTOR_MAX_AUTOTUNE') != '0',
                 max_autotune_gemm_backends='CPP,ATEN', autotune_num_choices_displayed=0,
                 max_autotune_report_choices_stats=False)
 
@@ -37,12 +40,12 @@ def weights_hash(model, weights):
     return HASHED[model][1]
 
 
-def package_name(module, args, weights, lengths=None):
+def package_name(module, args, weights, lengths, settings):
     """The file name of module's AOTInductor package for args: its kind, the weights' precision, a hash of them, then one
     of all else the compiled code depends on (the sources it is traced from, args' shapes, the settings,
     torch, the CPU and the threads it runs on)."""
     rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
-                                module.options, [(a.shape, a.stride(), a.dtype) for a in args], lengths, inductor_settings())).encode())
+                                module.options, [(a.shape, a.stride(), a.dtype) for a in args], lengths, settings)).encode())
     for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[type(module).__module__]):
         with open(source.__file__, 'rb') as f:
             rest.update(f.read())
@@ -76,9 +79,9 @@ def weights_version(model):
     return ','.join(f'{t.data_ptr()}:{t._version}' for t in TENSORS[model])
 
 
-def aot_compiled(module, args, store=None, lengths=None):
+def aot_compiled(module, args, store=None, lengths=None, autotune=True):
     """module (generate.py's Step or Prefill, rows.py's Logits) compiled ahead of time for args by AOTInductor into one C++ call
-    (inductor_settings'), the weights frozen in as constants: returns
+    (inductor_settings(autotune)'), the weights frozen in as constants: returns
     run(list of tensors) -> list of outputs. It is kept on the model for its weights as they are now
     (a change to them, an optimizer step or load_state_dict, compiles it again). With store, a folder,
     the package is kept there too, and another process loads it in a fraction of a second instead of
@@ -87,13 +90,14 @@ def aot_compiled(module, args, store=None, lengths=None):
     model = module.model
     weights = weights_version(model)
     shaped = args[1:] if lengths else args
-    key = (type(module), weights, module.options, tuple((a.shape, a.dtype) for a in shaped), torch.get_num_threads(), lengths)
+    key = (type(module), weights, module.options, tuple((a.shape, a.dtype) for a in shaped), torch.get_num_threads(), lengths, autotune)
     kept = COMPILED.setdefault(model, {})
     if key in kept:
         return kept[key]
     for old in [k for k in kept if k[1] != weights]:
         del kept[old]
-    name = package_name(module, shaped, weights, lengths)
+    settings = inductor_settings(autotune)
+    name = package_name(module, shaped, weights, lengths, settings)
     path = store and os.path.join(store, name)
     if path and os.path.exists(path):
         package = path
@@ -106,7 +110,7 @@ def aot_compiled(module, args, store=None, lengths=None):
                     (None,) * (len(args) - named))
         exported = torch.export.export(module.eval(), tuple(args), strict=False, dynamic_shapes=dims)
         package = io.BytesIO()
-        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=inductor_settings())
+        torch._inductor.aoti_compile_and_package(exported, package_path=package, inductor_configs=settings)
         package.seek(0)
         if path:
             try:

@@ -321,7 +321,7 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
                          (span_for(SPAN_MADE, block_size, device), token, positions, u, seen, done, *layers), store)
     prefill = eager = Prefill(model)
     if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size and slide == 'reread'):  # AOTInductor's too, where it is read
-        run = aot_compiled(eager, (tokens.new_zeros(B, 2), *layers), store, lengths=(2, block_size - 1))
+        run = aot_compiled(eager, (tokens.new_zeros(B, 2), *layers), store, lengths=(2, block_size - 1), autotune=False)
         prefill = lambda idx, *layers: run([idx.contiguous(), *layers]) if idx.size(1) > 1 else eager(idx, *layers)
     n, pos = T, block_size  # tokens so far; the cached positions, here a full cache, to read the prompt
     for _ in range(max_new_tokens):

@@ -129,7 +129,7 @@ class Rows:
 
         def prefill():
             if len(ids) > 2 and self.compile and self.device.type == 'cpu':
-                aot_compiled(Prefill(self.model), (idx, *layers), self.store, lengths=(2, self.block_size - 1))([idx, *layers])
+                aot_compiled(Prefill(self.model), (idx, *layers), self.store, (2, self.block_size - 1), autotune=False)([idx, *layers])
             elif len(ids) > 1:
                 Prefill(self.model)(idx, *layers)
         self.wide(prefill)  # many tokens at once (a window's re-read: ~100), with every core
