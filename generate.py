@@ -133,7 +133,6 @@ def compiled_step(model, options, args, store=None):
 
 SPAN = 32  # a step on the CPU attends over the cache's first positions in whole multiples of SPAN (span_for)
 SPANS = {}  # span_for's tensors
-SPAN_MADE = 'made'  # span_for's pos for the span a step is compiled with
 
 
 def span_for(pos, block_size, device):
@@ -141,12 +140,16 @@ def span_for(pos, block_size, device):
     at most block_size, elsewhere block_size (one compiled graph). The positions past every row's are
     masked anyway: a step early in a story reads a fraction of the cache (the attention of 8 rows of
     run.sh's model, compiled: ~19 us a layer at 32 positions, ~51 at 128)."""
-    if pos is SPAN_MADE:  # short of block_size: there the cache read is a whole tensor, and torch's reshape would fix L
-        pos = max(0, block_size - SPAN - 1)
     L = block_size if torch.device(device).type != 'cpu' else min(block_size, (pos // SPAN + 1) * SPAN)
     if (L, device) not in SPANS:
         SPANS[L, device] = torch.empty(1, L, device=device)
     return SPANS[L, device]
+
+
+def span_made(block_size, device):
+    """The span a step is compiled with: short of block_size, where the cache read is a whole tensor and
+    torch's reshape would fix its length."""
+    return span_for(max(0, block_size - SPAN - 1), block_size, device)
 
 
 def window_shift_for(window_shift, block_size):
@@ -318,7 +321,7 @@ def compiled_stream(model, idx, max_new_tokens, temperature, top_k, top_p, repet
     sampled = temperature >= GREEDY
     u, token, positions = torch.zeros(B, 1, device=device), idx[:, -1:].clone(), torch.zeros(B, dtype=torch.long, device=device)
     step = compiled_step(model, (temperature, top_k, top_p, repetition_penalty, eos_token),
-                         (span_for(SPAN_MADE, block_size, device), token, positions, u, seen, done, *layers), store)
+                         (span_made(block_size, device), token, positions, u, seen, done, *layers), store)
     prefill = eager = Prefill(model)
     if device.type == 'cpu' and (T > 2 or T + max_new_tokens > block_size and slide == 'reread'):  # AOTInductor's too, where it is read
         run = aot_compiled(eager, (tokens.new_zeros(B, 2), *layers), store, lengths=(2, block_size - 1), autotune=False)

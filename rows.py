@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from compiled import aot_compiled
 from generate import (GREEDY, KVCache, Prefill, RowCache, check_options, inverse_cdf, sample_logits, shift_window,
-                      SPAN_MADE, span_for, top_p_kept, window_shift_for)
+                      span_for, span_made, top_p_kept, window_shift_for)
 
 
 class Logits(torch.nn.Module):
@@ -129,7 +129,8 @@ class Rows:
 
         def prefill():
             if len(ids) > 2 and self.compile and self.device.type == 'cpu':
-                aot_compiled(Prefill(self.model), (idx, *layers), self.store, (2, self.block_size - 1), autotune=False)([idx, *layers])
+                aot_compiled(Prefill(self.model), (idx, *layers), self.store, lengths=(2, self.block_size - 1),
+                             autotune=False)([idx, *layers])
             elif len(ids) > 1:
                 Prefill(self.model)(idx, *layers)
         self.wide(prefill)  # many tokens at once (a window's re-read: ~100), with every core
@@ -140,7 +141,7 @@ class Rows:
         """Make the step of every width and the prompts' read (compile: before the first rows, which would
         wait for them)."""
         self.read(0, [0] * 3)  # into a free slot, which add overwrites
-        span = span_for(SPAN_MADE, self.block_size, self.device)
+        span = span_made(self.block_size, self.device)
         for n in self.widths:  # tensors of their own: inputs that alias one another would be compiled as one
             self.logits(span, *(torch.zeros(n, dtype=torch.long, device=self.device) for _ in range(2)),
                         *(torch.zeros(n, 1, device=self.device) for _ in range(2)),
