@@ -25,7 +25,10 @@ def inductor_settings(autotune=True):
     Without it the products are oneDNN's: for a prompt's read, whose length is free, inductor's C++ GEMM
     took 1.4-3.6x longer (run.sh's model, 96 tokens, 2 threads: float32 7.0-7.2 ms against 4.8-5.1, bf16
     9.5-11.3 against 2.6-4.0)."""
+    # cpp.min_chunk_size: a loop runs on several threads from 4,096 elements a thread, not 512; a row's
+    # 32 counts in top_k_floor, each split across threads, took ~94 us a step against ~15 on one
     return dict(freezing=True, max_autotune=autotune and os.environ.get('TORCHINDUCTOR_MAX_AUTOTUNE') != '0',
+                **{'cpp.min_chunk_size': 4096},
                 max_autotune_gemm_backends='CPP,ATEN', autotune_num_choices_displayed=0,
                 max_autotune_report_choices_stats=False)
 

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from compiled import aot_compiled
 from generate import (GREEDY, KVCache, Prefill, RowCache, check_options, inverse_cdf, sample_logits, shift_window,
-                      span_for, span_made, top_p_kept, window_shift_for)
+                      span_for, span_made, top_k_floor, top_k_sample, top_p_kept, window_shift_for)
 
 
 class Logits(torch.nn.Module):
@@ -37,28 +37,36 @@ TOP_K = 256  # the most top_k that sample_rows samples in the step; larger, and 
 def sample_rows(logits, temperature, u, top_k, top_p):
     """sample_logits in one graph with the step, each row at its own settings: temperature (B, 1; 0
     greedy), top_k (B, 1; 0 none, else at most TOP_K and below the vocabulary's size) and top_p among
-    those top_k (B, 1; inf none), with its own draw u (B, 1). The top-k work runs only in steps where a
-    row has top_k (torch.cond, compiled)."""
+    those top_k (B, 1; inf none), with its own draw u (B, 1). As sample_logits, top_k alone keeps the
+    tokens at or above its floor, in the vocabulary's order; the sorted top-k work of top_p runs only
+    in steps where a row has it (torch.cond, compiled)."""
     greedy = temperature < GREEDY
     temperature = torch.where(greedy, 1.0, temperature)
-    probs = F.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
+    sorted_rows = (top_k > 0) & (top_p < float('inf'))
+    floored = (top_k > 0) & ~sorted_rows
+    compiled = torch.compiler.is_compiling()
+    kept = logits.masked_fill(logits < top_k_floor(logits, torch.where(floored, top_k, 0)), float('-inf')) if compiled else logits
+    probs = F.softmax((kept - kept.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     pick = inverse_cdf(probs, u, probs.size(-1) - 1)
-    operands = (logits, temperature, u, top_k, top_p, pick)
-    if torch.compiler.is_compiling():
-        pick = torch.cond((top_k > 0).any(), top_k_rows, lambda *args: args[-1].clone(), operands)
-    elif (top_k > 0).any():
+    if not compiled and floored.any():
+        rows = floored[:, 0].nonzero()[:, 0]
+        pick = pick.index_put((rows,), top_k_sample(logits[rows], top_k[rows], temperature[rows], u[rows]))
+    operands = (logits, temperature, u, top_k, top_p, pick, sorted_rows)
+    if compiled:
+        pick = torch.cond(sorted_rows.any(), top_k_rows, lambda *args: args[-2].clone(), operands)
+    elif sorted_rows.any():
         pick = top_k_rows(*operands)
     return torch.where(greedy, logits.argmax(dim=-1, keepdim=True), pick)
 
 
-def top_k_rows(logits, temperature, u, top_k, top_p, pick):
-    """pick, with the rows of top_k > 0 sampled again as sample_logits does: among their top_k likeliest
-    tokens, sorted, those that top_p keeps."""
+def top_k_rows(logits, temperature, u, top_k, top_p, pick, rows):
+    """pick, with rows (B, 1) sampled again as sample_logits does: among their top_k likeliest tokens,
+    sorted, those that top_p keeps."""
     values, ids = torch.topk(logits, min(TOP_K, logits.size(-1)))
     ranks = torch.arange(values.size(-1), device=values.device)
     scaled = ((values - values[:, :1]) / temperature).masked_fill(ranks >= top_k, float('-inf'))
     at = inverse_cdf(top_p_kept(F.softmax(scaled, dim=-1), top_p), u, (top_k - 1).clamp(min=0))
-    return torch.where(top_k > 0, ids.gather(1, at), pick)
+    return torch.where(rows, ids.gather(1, at), pick)
 
 
 class Row(NamedTuple):

@@ -4,12 +4,13 @@ from functools import partial
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 import generate as generate_module
 from batching import Batcher
 from compiled import KEEP, tidy
 from conftest import tiny, train_step
-from generate import KVCache, Prefill, generate, sample_logits, shift_window, stream
+from generate import KVCache, Prefill, generate, sample_logits, shift_window, stream, top_k_floor
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
 from rows import TOP_K, Rows, sample_rows
@@ -169,6 +170,39 @@ def test_top_k_and_top_p_sample_the_renormalised_distribution():
         p = probs[kept] ** (1 / kw.get('temperature', 1.0))
         expected = torch.zeros(4).index_put_((torch.tensor(kept),), p / p.sum())
         assert torch.allclose(torch.bincount(picks, minlength=4) / len(picks), expected, atol=0.01), kw
+
+
+def test_top_k_floor_is_torch_topk_kth_value():
+    """The floor found bit by bit, compiled and eagerly, is torch.topk's k-th value, ties, -inf and
+    signed zeros included, for one k or a k a row (0: none, -inf)."""
+    torch.manual_seed(0)
+    floor = torch.compile(top_k_floor, fullgraph=True, dynamic=False)
+    logits = (torch.randn(6, 300) * 4).bfloat16().float()  # bf16's steps: many ties
+    logits[1, :250] = float('-inf')  # fewer finite logits than k
+    logits[2, ::3] = 0.0
+    logits[2, 1::3] = -0.0
+    with torch._dynamo.config.patch(recompile_limit=16):  # a graph for each k
+        for k in (1, 7, 200, 299, torch.tensor([[0], [3], [300], [1], [150], [0]])):
+            got = floor(logits, k)
+            assert torch.equal(got, top_k_floor(logits, k)), k  # -0.0 == 0.0
+            ks = torch.full((6, 1), k) if isinstance(k, int) else k
+            kth = torch.topk(logits, 300).values.gather(1, (ks - 1).clamp(min=0))
+            assert torch.equal(got, torch.where(ks > 0, kth, float('-inf'))), k
+
+
+def test_top_k_sample_is_the_masked_vocabulary_sampled():
+    """Eagerly, top_k samples the kept tokens alone; a compiled step masks the others and samples the
+    whole vocabulary in its order: the same pick for the same draw, ties at the floor kept."""
+    torch.manual_seed(0)
+    logits = (torch.randn(64, 500) * 3).bfloat16().float()
+    u = torch.rand(64, 1)
+    for k in (1, 5, 40):
+        floor = torch.topk(logits, k).values[:, -1:]
+        probs = F.softmax((logits.masked_fill(logits < floor, float('-inf')) - logits.amax(-1, keepdim=True)) / 0.7, dim=-1)
+        masked = torch.searchsorted(probs.cumsum(-1), u * probs.sum(-1, keepdim=True), right=True)
+        picks = sample_logits(logits, 0.7, top_k=k, u=u)
+        assert torch.equal(picks, masked), k
+        assert (logits.gather(1, picks) >= floor).all()
 
 
 def test_repetition_penalty_discourages_seen_tokens():
