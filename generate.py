@@ -233,8 +233,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
 def top_k_sample(logits, k, temperature, u):
     """Eagerly, the pick (B, 1) that a compiled step makes with top_k, k a number or (B, 1): the logits
     below the k-th largest masked, the vocabulary sampled in its order with u (B, 1). Here over the
-    tokens kept alone, gathered and put in the vocabulary's order: masking the whole vocabulary costs
-    ~2.5x more (batch 8, 50,257 tokens: ~1.46 vs ~0.58 ms)."""
+    tokens kept alone, gathered and put in the vocabulary's order: masking the whole vocabulary took
+    ~2x longer (batch 8, 50,257 tokens: ~1.46 against 0.68-0.78 ms)."""
     values, ids = torch.topk(logits, (k if isinstance(k, int) else int(k.max())) + 1)  # one more: ties past the k-th show
     if isinstance(k, int) and not (values[:, k] == values[:, k - 1]).any():  # the usual case: exactly k, no masks
         ids, order = ids[:, :k].sort(dim=-1)

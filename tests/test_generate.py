@@ -181,13 +181,13 @@ def test_top_k_floor_is_torch_topk_kth_value():
     logits[1, :250] = float('-inf')  # fewer finite logits than k
     logits[2, ::3] = 0.0
     logits[2, 1::3] = -0.0
-    with torch._dynamo.config.patch(recompile_limit=16):  # a graph for each k
-        for k in (1, 7, 200, 299, torch.tensor([[0], [3], [300], [1], [150], [0]])):
-            got = floor(logits, k)
-            assert torch.equal(got, top_k_floor(logits, k)), k  # -0.0 == 0.0
-            ks = torch.full((6, 1), k) if isinstance(k, int) else k
-            kth = torch.topk(logits, 300).values.gather(1, (ks - 1).clamp(min=0))
-            assert torch.equal(got, torch.where(ks > 0, kth, float('-inf'))), k
+    for k in (1, 7, 200, 299, torch.tensor([[0], [3], [300], [1], [150], [0]])):
+        got = top_k_floor(logits, k)
+        ks = torch.full((6, 1), k) if isinstance(k, int) else k
+        kth = torch.topk(logits, 300).values.gather(1, (ks - 1).clamp(min=0))
+        assert torch.equal(got, torch.where(ks > 0, kth, float('-inf'))), k  # -0.0 == 0.0
+        if isinstance(k, torch.Tensor) or k == 7:  # compiled too (a graph each: ~10 s)
+            assert torch.equal(floor(logits, k), got), k
 
 
 def test_top_k_sample_is_the_masked_vocabulary_sampled():
