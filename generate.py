@@ -212,12 +212,13 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
     # compiled, the rest masked (no sort: top_k_floor); eagerly, those tokens alone (top_k_sample).
     # top_p works on the likeliest tokens sorted, and the pick maps back to its id
     ids = None
-    if top_k is not None and top_k < logits.size(-1) and (top_p is None or top_p >= 1.0):
-        if not torch.compiler.is_compiling():
+    if top_k is not None and top_k < logits.size(-1):
+        if top_p is not None and top_p < 1.0:
+            logits, ids = torch.topk(logits, top_k)
+        elif not torch.compiler.is_compiling():
             return top_k_sample(logits, top_k, temperature, u)
-        logits = logits.masked_fill(logits < top_k_floor(logits, top_k), float('-inf'))
-    elif top_k is not None and top_k < logits.size(-1):
-        logits, ids = torch.topk(logits, top_k)
+        else:
+            logits = logits.masked_fill(logits < top_k_floor(logits, top_k), float('-inf'))
     elif top_p is not None and top_p < 1.0:
         logits, ids = torch.sort(logits, descending=True)
     # shifted by its max, the top logit stays 0 and the others reach -inf at worst; unshifted, a

@@ -38,14 +38,16 @@ def sample_rows(logits, temperature, u, top_k, top_p):
     """sample_logits in one graph with the step, each row at its own settings: temperature (B, 1; 0
     greedy), top_k (B, 1; 0 none, else at most TOP_K and below the vocabulary's size) and top_p among
     those top_k (B, 1; inf none), with its own draw u (B, 1). As sample_logits, top_k alone keeps the
-    tokens at or above its floor, in the vocabulary's order; the sorted top-k work of top_p runs only
-    in steps where a row has it (torch.cond, compiled)."""
+    tokens at or above its floor, in the vocabulary's order; compiled, the floor's work and the sorted
+    top-k work of top_p each run only in steps where a row needs it (torch.cond)."""
     greedy = temperature < GREEDY
     temperature = torch.where(greedy, 1.0, temperature)
     sorted_rows = (top_k > 0) & (top_p < float('inf'))
     floored = (top_k > 0) & ~sorted_rows
-    compiled = torch.compiler.is_compiling()
-    kept = logits.masked_fill(logits < top_k_floor(logits, torch.where(floored, top_k, 0)), float('-inf')) if compiled else logits
+    compiled, kept = torch.compiler.is_compiling(), logits
+    if compiled:  # the floor's 32 counts only in steps where a row has top_k alone
+        kept = torch.cond(floored.any(), lambda x, k: x.masked_fill(x < top_k_floor(x, k), float('-inf')),
+                          lambda x, k: x.clone(), (logits, torch.where(floored, top_k, 0)))
     probs = F.softmax((kept - kept.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     pick = inverse_cdf(probs, u, probs.size(-1) - 1)
     if not compiled and floored.any():
