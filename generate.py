@@ -261,8 +261,9 @@ def top_k_floor(logits, k):
     ~250 us). Eagerly, 32 counts are slower than torch.topk: top_k_sample."""
     rows, vocab = logits.size(0), logits.size(-1)
     k = torch.full((rows, 1), k, device=logits.device) if isinstance(k, int) else k
+    need = torch.where(k > 0, k, vocab)  # the logits each row's floor must keep
     as_float = lambda t: torch.where(t < 0, t ^ 0x7fffffff, t).view(torch.float32)  # the integer order, back to floats
-    enough = lambda t: (logits >= as_float(t)).sum(-1, keepdim=True, dtype=torch.int32) >= torch.where(k > 0, k, vocab)
+    enough = lambda t: (logits >= as_float(t)).sum(-1, keepdim=True, dtype=torch.int32) >= need
     t = torch.where(enough(torch.zeros(rows, 1, dtype=torch.int32, device=logits.device)), 0, -2**31).to(torch.int32)
     for bit in reversed(range(31)):
         t = torch.where(enough(t | (1 << bit)), t | (1 << bit), t)
