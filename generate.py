@@ -287,13 +287,13 @@ def inverse_cdf(probs, u, last):
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=last)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, idx, max_new_tokens, **options):
     """Append up to max_new_tokens to each row of idx (B, T); see stream() for the options."""
     return torch.cat([idx] + list(stream(model, idx, max_new_tokens, **options)), dim=1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
            eos_token=None, use_cache=True, window_shift=1, slide='reread', compile=False):
     """Yield the next token of every row, shape (B, 1), one step at a time.

@@ -6,8 +6,6 @@ serve.py, eval.py: common.load_for_generation). Decoding one token reads every w
 Neither changes the model's parameters, state_dict or weight tying; int8 changes the model's outputs
 a little (eval.py --int8=True gives its loss), and such a model is for inference only.
 """
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -48,20 +46,17 @@ def lay_out(w, layout):
     return wt.view(in_features, blocks, width).transpose(0, 1).contiguous()
 
 
-class LaidOut(NamedTuple):
-    source: torch.Tensor  # the weight it was made from; held, so that a new weight cannot reuse its address
-    version: int  # the weight's version then: an optimizer step or load_state_dict bumps it
-    layout: str
-    dtype: torch.dtype
-    weight: torch.Tensor  # the copy
-
-
 class FastLinear(nn.Linear):
     """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight in fast_layout's
-    layout, made on first use in the dtype the product runs in (autocast's, else the weight's),
-    remade when the weight changes or another layout is due, and dropped by train(). Its
-    parameters, state_dict and weight tying are those of the nn.Linear it replaced."""
-    laid_out = None
+    layout, made on first use in the dtype the product runs in (autocast's, else the weight's). A
+    copy is kept for each layout used: a prompt's read and the steps after it take different ones,
+    and making one again costs more than a story's step (~1 ms for oneDNN's reorder of a matrix of
+    run.sh's model), so that keeping them costs up to twice the weights' memory. The copies are
+    dropped when the weight changes and by train(). Its parameters, state_dict and weight tying are
+    those of the nn.Linear it replaced."""
+    source = None  # the weight the copies were made from; held, so that a new weight cannot reuse its address
+    version = None  # the weight's version then: an optimizer step or load_state_dict bumps it
+    laid_out = None  # {(layout, dtype): the copy}
 
     def forward(self, x):
         w = self.weight
@@ -72,24 +67,25 @@ class FastLinear(nn.Linear):
         layout = fast_layout(w, x.numel() // x.size(-1), dtype)
         if layout is None:
             return F.linear(x, w, self.bias)
-        copy = self.laid_out
-        if (copy is None or copy.source.data_ptr() != w.data_ptr() or copy.version != w._version
-                or (copy.layout, copy.dtype) != (layout, dtype)):
-            copy = self.laid_out = LaidOut(w.detach(), w._version, layout, dtype, lay_out(w.detach().to(dtype), layout))
-        x, bias = x.to(dtype), None if self.bias is None else self.bias.to(dtype)
+        if self.source is None or self.source.data_ptr() != w.data_ptr() or self.version != w._version:
+            self.source, self.version, self.laid_out = w.detach(), w._version, {}
+        copy = self.laid_out.get((layout, dtype))
+        if copy is None:
+            copy = self.laid_out[layout, dtype] = lay_out(w.detach().to(dtype), layout)
+        x = x if x.dtype == dtype else x.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
         if layout == 'packed':
-            return torch.ops.mkldnn._linear_pointwise(x, copy.weight, bias, 'none', [], '')
+            return torch.ops.mkldnn._linear_pointwise(x, copy, bias, 'none', [], '')
         x2 = x.reshape(-1, x.size(-1))
         if layout == 'transposed':
-            y = x2 @ copy.weight if bias is None else torch.addmm(bias, x2, copy.weight)
+            y = torch.mm(x2, copy) if bias is None else torch.addmm(bias, x2, copy)
         else:  # 'columns': one matmul per column block, run in parallel as a batch
-            blocks = copy.weight
-            y = torch.bmm(x2.expand(len(blocks), -1, -1), blocks).transpose(0, 1).reshape(len(x2), -1)[:, :len(w)]
+            y = torch.bmm(x2.expand(len(copy), -1, -1), copy).transpose(0, 1).reshape(len(x2), -1)[:, :len(w)]
             y = y if bias is None else y + bias
         return y.view(*x.shape[:-1], -1)
 
     def train(self, mode=True):
-        self.laid_out = None
+        self.source = self.version = self.laid_out = None
         return super().train(mode)
 
 

@@ -64,9 +64,9 @@ class Rotary(nn.Module):
         self.register_buffer('sin', angles.sin(), persistent=False)
 
     def forward(self, x, pos):
-        """x (B, n_head, T, head_dim) at positions pos: (T,), or (B, T) for rows at positions of their own."""
-        cos = self.cos[pos].unsqueeze(-3).to(x.dtype)  # broadcast over the heads
-        sin = self.sin[pos].unsqueeze(-3).to(x.dtype)
+        """x (B, T, heads, head_dim) at positions pos: (T,), or (B, T) for rows at positions of their own."""
+        cos = self.cos[pos].unsqueeze(-2).to(x.dtype)  # broadcast over the heads
+        sin = self.sin[pos].unsqueeze(-2).to(x.dtype)
         return x * cos + rotate_half(x) * sin
 
 
@@ -92,10 +92,11 @@ class CausalSelfAttention(nn.Module):
         """x holds the tokens at positions pos; a cache (generate.py), when given, holds the keys and
         values of the positions before them, takes the new ones, and attends over them all."""
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if self.rotary is not None:  # keys go into a cache already rotated to their positions
-            q, k = self.rotary(q, pos), self.rotary(k, pos)
+        qkv = self.c_attn(x).view(B, T, 3 * self.n_head, C // self.n_head)
+        qk, v = qkv[:, :, :2 * self.n_head], qkv[:, :, 2 * self.n_head:]
+        if self.rotary is not None:  # queries and keys in one pass (a decoding step's ops are its cost); keys go into a cache rotated
+            qk = self.rotary(qk, pos)
+        q, k, v = (t.transpose(1, 2) for t in (qk[:, :, :self.n_head], qk[:, :, self.n_head:], v))
         fused_is_slow = x.device.type == 'cpu' and q.dtype == torch.bfloat16 and T <= 256  # see use_sdpa
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)

@@ -131,7 +131,7 @@ class Rows:
     def remove(self, slot):
         self.rows[slot] = None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def read(self, slot, ids):
         """Fill slot's cache with all of ids but the last, alone, which the next step feeds."""
         layers = [t[slot:slot + 1] for kv in self.layers for t in kv]  # views of slot's row
@@ -146,7 +146,7 @@ class Rows:
         self.wide(prefill)  # many tokens at once (a window's re-read: ~100), with every core
         self.pos[slot], self.next[slot] = len(ids) - 1, ids[-1]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def warm(self):
         """Make the step of every width and the prompts' read (compile: before the first rows, which would
         wait for them)."""
@@ -186,7 +186,7 @@ class Rows:
             self.runs[len(next)] = aot_compiled(Logits(self.model), args, self.store, lengths=(2, self.block_size))
         return self.runs[len(next)](args)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self):
         """One decoding step of every row: {slot: its next token}."""
         used = [slot for slot, row in enumerate(self.rows) if row is not None]
