@@ -49,11 +49,10 @@ def lay_out(w, layout):
 class FastLinear(nn.Linear):
     """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight in fast_layout's
     layout, made on first use in the dtype the product runs in (autocast's, else the weight's). A
-    copy is kept for each layout used: a prompt's read and the steps after it take different ones,
-    and making one again costs more than a story's step (~1 ms for oneDNN's reorder of a matrix of
-    run.sh's model), so that keeping them costs up to twice the weights' memory. The copies are
-    dropped when the weight changes and by train(). Its parameters, state_dict and weight tying are
-    those of the nn.Linear it replaced."""
+    copy is kept for each layout used, up to twice the weights' memory: a prompt's read and the steps
+    after it take different ones, and laying out run.sh's model again took ~25 ms (oneDNN's reorder,
+    ~1 ms a matrix), several eager steps. The copies are dropped when the weight changes and by
+    train(). Its parameters, state_dict and weight tying are those of the nn.Linear it replaced."""
     source = None  # the weight the copies were made from; held, so that a new weight cannot reuse its address
     version = None  # the weight's version then: an optimizer step or load_state_dict bumps it
     laid_out = None  # {(layout, dtype): the copy}

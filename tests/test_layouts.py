@@ -4,7 +4,7 @@ import torch
 import generate as gen
 from conftest import tiny, train_step
 from generate import KVCache, generate
-from layouts import FastLinear, Int8Linear, fast_layout, use_fast_linears, use_int8_weights
+from layouts import FastLinear, Int8Linear, fast_layout, lay_out, use_fast_linears, use_int8_weights
 from model import GPT, GPTConfig
 
 
@@ -62,6 +62,19 @@ def test_copies_stay_out_of_the_state_dict_and_go_with_train():
     assert model.lm_head.weight is model.transformer.wte.weight
     model.train()
     assert all(m.laid_out is None for m in model.modules() if isinstance(m, FastLinear))
+
+
+def test_each_layouts_copy_is_made_once_for_prompts_and_steps_alike(monkeypatch):
+    layer, made = FastLinear(64, 96).eval(), []
+    layouts = {fast_layout(layer.weight, rows, torch.float32) for rows in (1, 5)}
+    if len(layouts) == 1:
+        pytest.skip("one layout for one row and five on this CPU (no oneDNN x86 kernels)")
+    monkeypatch.setattr('layouts.lay_out', lambda w, layout: made.append(layout) or lay_out(w, layout))
+    with torch.no_grad():
+        for rows in (5, 1, 5, 1):  # a prompt's read, a step, the window's re-read, a step
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert sorted(made) == sorted(layouts) and set(layer.laid_out) == {(l, torch.float32) for l in layouts}
 
 
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN kernels on this CPU")
