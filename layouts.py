@@ -54,7 +54,7 @@ class FastLinear(nn.Linear):
     ~1 ms a matrix), several eager steps. The copies are dropped when the weight changes and by
     train(). Its parameters, state_dict and weight tying are those of the nn.Linear it replaced."""
     source = None  # the weight the copies were made from; held, so that a new weight cannot reuse its address
-    version = None  # the weight's version then: an optimizer step or load_state_dict bumps it
+    version = None  # the weight's version then (an optimizer step or load_state_dict bumps it)
     laid_out = None  # {(layout, dtype): the copy}
 
     def forward(self, x):
@@ -66,8 +66,9 @@ class FastLinear(nn.Linear):
         layout = fast_layout(w, x.numel() // x.size(-1), dtype)
         if layout is None:
             return F.linear(x, w, self.bias)
-        if self.source is None or self.source.data_ptr() != w.data_ptr() or self.version != w._version:
-            self.source, self.version, self.laid_out = w.detach(), w._version, {}
+        version = None if w.is_inference() else w._version  # a weight made in inference mode keeps no version
+        if self.source is None or self.source.data_ptr() != w.data_ptr() or self.version != version:
+            self.source, self.version, self.laid_out = w.detach(), version, {}
         copy = self.laid_out.get((layout, dtype))
         if copy is None:
             copy = self.laid_out[layout, dtype] = lay_out(w.detach().to(dtype), layout)

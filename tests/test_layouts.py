@@ -47,6 +47,13 @@ def test_fast_path_follows_an_optimizer_step(mode):
     torch.testing.assert_close(after, plain_logits(model, idx))
 
 
+def test_fast_path_takes_a_model_made_in_inference_mode():
+    with torch.inference_mode():  # its weights keep no version to check
+        model, idx = tiny(), torch.randint(97, (2, 10))
+        out = generate(use_fast_linears(model), idx, 5, temperature=0)
+    assert torch.equal(out, generate(model, idx, 5, temperature=0, use_cache=False))
+
+
 def test_fast_path_follows_load_state_dict():
     model, other, idx = tiny(0), tiny(1), torch.randint(97, (2, 10))
     fast_logits(model, idx)
