@@ -71,7 +71,7 @@ class FastLinear(nn.Linear):
             self.source, self.version, self.laid_out = w.detach(), version, {}
         copy = self.laid_out.get((layout, dtype))
         if copy is None:
-            copy = self.laid_out[layout, dtype] = lay_out(w.detach().to(dtype), layout)
+            copy = self.laid_out[layout, dtype] = lay_out(self.source.to(dtype), layout)
         x = x if x.dtype == dtype else x.to(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         if layout == 'packed':
