@@ -31,7 +31,7 @@ parts = 'train,sample,prepare'  # which measurements to run: memory, train, step
 batch_size = 8  # training micro-batch (sequences of block_size tokens); step and attention take the config's
 train_steps = 10  # timed training steps, after warmup_steps; the median is reported
 warmup_steps = 3  # untimed steps first (allocator, caches, compilation)
-dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure
+dtypes = 'float32,bfloat16'  # training autocast dtypes and sampling weight dtypes to measure; peer also takes int8 (against q8_0)
 compile: bool | None = None  # also time torch.compile (training, sampling's and serve.py's decoding steps): True, False, or None (on CUDA only; slow to start on a CPU)
 new_tokens = 256  # tokens sampled per row
 prompt_tokens = 16  # random prompt tokens per row before them
@@ -40,14 +40,14 @@ sample_batches = '1,8'  # sampling batch sizes
 sample_repeats = 3  # timed generate() calls per setting, after one untimed; the median is reported
 text_file = '../shared/data/tinystories/train-sample.txt'  # text for the tokenizer benchmark
 serve_models = 'out-cpu,config'  # serve.py under load: checkpoint folders, 'config' for random weights of config_file's shape
-serve_clients = '1,4,8,16'  # concurrent streaming clients, one request each
+serve_clients = '1,4,8,16'  # concurrent streaming clients, one request each (peer: empty runs no servers)
 serve_tokens = 128  # max_tokens of each request
 serve_batch = 8  # serve.py's max_batch
-peer_model = 'out-cpu'  # peer: the checkpoint folder that sample.py and llama.cpp both run, alternating
+peer_model = 'out-cpu'  # peer: the checkpoint folder that sample.py and llama.cpp both run, alternating; 'config': random weights of config_file's shape
 peer_bin = ''  # peer: llama.cpp's tools (../shared/tools/llama-cpp.sh prints their folder); empty: $LLAMA_CPP_BIN, else that script's
 peer_tokens = 100  # peer: new tokens per story (after a 5-token prompt, within run.sh's 128-token window)
 peer_rounds = 2  # peer: alternating rounds per setting; the median and the range are reported
-peer_long_tokens = 1000  # peer: new tokens of a story past the window (its slides' cost, against a story within it)
+peer_long_tokens = 1000  # peer: new tokens of a story past the window (its slides' cost, against a story within it); 0: none
 device = 'auto'  # auto, cpu, cuda, cuda:1, mps
 threads = 0  # CPU threads torch computes with; 0: one per core (torch's own); beside another busy process, give each its share
 seed = 1337
@@ -60,6 +60,8 @@ keep_freed_memory(device_type)  # as train.py does
 shape = {}
 exec(open(config_file).read(), {}, shape)
 model_args = {f.name: shape[f.name] for f in fields(GPTConfig) if f.name in shape and f.name not in ('vocab_size', 'dropout')}
+if 'int8' in dtypes.split(',') and set(parts.split(',')) - {'peer', 'prepare', 'serve'}:
+    die("dtypes: int8 is for --parts=peer only (sample.py --int8=True against llama.cpp's q8_0); drop it, or run peer alone")
 torch.manual_seed(seed)
 rows = []
 
@@ -298,6 +300,14 @@ def server_load(command, port):
     return out
 
 
+def random_checkpoint(folder):
+    """folder, holding a checkpoint of config_file's shape with random weights and GPT-2's vocabulary: a
+    token's time depends on the weights' shape, not on their values."""
+    args = dict(model_args, vocab_size=50257)
+    torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, os.path.join(folder, 'best.pt'))
+    return folder
+
+
 def free_port():
     import socket
     with socket.socket() as s:
@@ -305,11 +315,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def serve_py(out_dir, use_compile, dtype='auto'):
+def serve_py(out_dir, use_compile, dtype='auto', int8=False):
     """serve.py's command line for out_dir on a free port, and the port."""
     port = free_port()
     return [sys.executable, 'serve.py', f'--out_dir={out_dir}', f'--port={port}', f'--device={device}', f'--dtype={dtype}',
-            f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}',
+            f'--int8={int8}', f'--max_batch={serve_batch}', '--max_queue=64', f'--max_tokens_limit={serve_tokens}',
             f'--compile={use_compile}', f'--threads={threads}'], port
 
 
@@ -328,10 +338,8 @@ if 'serve' in parts:  # serve.py in a process of its own, its clients here, all 
         if name != 'config':
             serve_load(name, f"{name}/best.pt", use_compile)
             continue
-        with tempfile.TemporaryDirectory() as folder:  # random weights: the speed is the same
-            args = dict(model_args, vocab_size=50257)
-            torch.save({'model': GPT(GPTConfig(**args)).state_dict(), 'model_args': args}, os.path.join(folder, 'best.pt'))
-            serve_load(folder, f"{config_file}'s shape", use_compile)
+        with tempfile.TemporaryDirectory() as folder:
+            serve_load(random_checkpoint(folder), f"{config_file}'s shape", use_compile)
 
 if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, alternating, each dtype: ratios
     tools = peer_bin or os.environ.get('LLAMA_CPP_BIN') or os.path.expanduser('~/.cache/llama.cpp-tools/build/bin')
@@ -348,8 +356,8 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
         return done
 
     def ours(dtype, b, use_compile, new_tokens=peer_tokens, slide='reread'):
-        done = run(sys.executable, 'sample.py', f'--out_dir={peer_model}', '--start=Once upon a time', f'--num_samples={b}',
-                   f'--max_new_tokens={new_tokens}', '--stop_at_eot=False', f'--dtype={dtype}', f'--device={device}',
+        done = run(sys.executable, 'sample.py', f'--out_dir={model_dir}', '--start=Once upon a time', f'--num_samples={b}',
+                   f'--max_new_tokens={new_tokens}', '--stop_at_eot=False', *weights(dtype), f'--device={device}',
                    f'--compile={use_compile}', f'--threads={n_threads}', f'--slide={slide}')
         return float(re.findall(r'([\d.]+) tokens/s', done.stderr)[-1])
 
@@ -369,16 +377,23 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
 
     spread = lambda xs: f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
     ways = ('eager', 'compiled') if compile else ('eager',)
-    # slide='shift' turns keys back by rotary angles: a model with learned positions only re-reads
-    rotary = torch.load(checkpoint_path(peer_model, 'best'), map_location='cpu', weights_only=True)['model_args'].get('pos_emb') == 'rope'
-    slides = ('reread', 'shift') if rotary else ('reread',)
+    # int8: sample.py's int8 weights (activations in dtype=auto's type) against llama.cpp's q8_0
+    weights = lambda dtype: ('--dtype=auto', '--int8=True') if dtype == 'int8' else (f'--dtype={dtype}',)
+    gguf_types = {'float32': 'f32', 'bfloat16': 'bf16', 'float16': 'f16', 'int8': 'q8_0'}
+    if set(dtypes.split(',')) - set(gguf_types):
+        die(f"dtypes: peer takes {', '.join(gguf_types)}, got {dtypes!r}")
     with tempfile.TemporaryDirectory() as folder:
+        model_dir = random_checkpoint(folder) if peer_model == 'config' else peer_model
+        label = f"{config_file}'s shape" if peer_model == 'config' else peer_model
+        # slide='shift' turns keys back by rotary angles: a model with learned positions only re-reads
+        rotary = torch.load(checkpoint_path(model_dir, 'best'), map_location='cpu', weights_only=True)['model_args'].get('pos_emb') == 'rope'
+        slides = ('reread', 'shift') if rotary else ('reread',)
         for dtype in dtypes.split(','):
             path = os.path.join(folder, f'{dtype}.gguf')
-            run(sys.executable, 'export.py', f'--out_dir={peer_model}', '--format=gguf',
-                f"--gguf_type={'f32' if dtype == 'float32' else 'bf16' if dtype == 'bfloat16' else 'f16'}", f'--gguf_file={path}')
+            run(sys.executable, 'export.py', f'--out_dir={model_dir}', '--format=gguf', f'--gguf_type={gguf_types[dtype]}',
+                f'--gguf_file={path}')
             for b in (int(s) for s in sample_batches.split(',')):
-                speeds = {'llama.cpp': [], **{(way, slide): [] for way in ways for slide in ('within',) + slides * (b == 1)}}
+                speeds = {'llama.cpp': [], **{(way, slide): [] for way in ways for slide in ('within',) + slides * (b == 1 and peer_long_tokens > 0)}}
                 for _ in range(peer_rounds):  # alternating, so that a shared machine's drift meets both alike
                     speeds['llama.cpp'].append(theirs(path, b))
                     for way, slide in list(speeds)[1:]:
@@ -387,26 +402,26 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
                 for way, slide in list(speeds)[1:]:
                     within = statistics.median(speeds[way, 'within'])
                     rounds = f"{peer_rounds} round{'s' * (peer_rounds > 1)}, {n_threads} threads"
-                    rows.append(('peer', f"{dtype} sample.py {way} against llama.cpp, {peer_model}", f"batch {b}",
+                    rows.append(('peer', f"{dtype} sample.py {way} against llama.cpp, {label}", f"batch {b}",
                                  spread(speeds[way, slide]), f"{within / peer:.2f}x llama.cpp's {spread(speeds['llama.cpp'])}; "
                                  f"{peer_tokens} new tokens, {rounds}") if slide == 'within' else
-                                ('peer', f"{dtype} sample.py {way} past the window, slide={slide}, {peer_model}", f"batch {b}",
+                                ('peer', f"{dtype} sample.py {way} past the window, slide={slide}, {label}", f"batch {b}",
                                  spread(speeds[way, slide]), f"{statistics.median(speeds[way, slide]) / within:.2f}x within it; "
                                  f"{peer_long_tokens} new tokens, {rounds}"))
             # the servers: llama-server with as many slots as serve.py's rows, each client streaming serve_tokens
             speeds = {'llama-server': [], 'eager': [], 'compiled': []}
-            for _ in range(peer_rounds):
+            for _ in range(peer_rounds if serve_clients else 0):
                 port = free_port()
                 speeds['llama-server'].append(server_load(
                     [os.path.join(tools, 'llama-server'), '-m', path, '-t', n_threads, '-np', str(serve_batch),
                      '-c', str(serve_batch * (serve_tokens + 16)), '--port', str(port), '--host', '127.0.0.1'], port))
                 for way in ('eager', 'compiled') if compile else ('eager',):
-                    speeds[way].append(server_load(*serve_py(peer_model, way == 'compiled', dtype)))
-            for n in (int(c) for c in serve_clients.split(',')):
+                    speeds[way].append(server_load(*serve_py(model_dir, way == 'compiled', 'auto' if dtype == 'int8' else dtype, dtype == 'int8')))
+            for n in (int(c) for c in serve_clients.split(',') if c):
                 peer = [r[n][0] for r in speeds['llama-server']]
                 for way in ('eager', 'compiled') if compile else ('eager',):
                     ours_n = [r[n][0] for r in speeds[way]]
-                    rows.append(('peer', f"{dtype} serve.py {way} against llama-server, {peer_model}",
+                    rows.append(('peer', f"{dtype} serve.py {way} against llama-server, {label}",
                                  f"{n} client{'s' * (n > 1)}", spread(ours_n),
                                  f"{statistics.median(ours_n) / statistics.median(peer):.2f}x llama-server's {spread(peer)}; "
                                  f"{serve_tokens} tokens each, {peer_rounds} round{'s' * (peer_rounds > 1)}, {n_threads} threads"))

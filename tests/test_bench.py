@@ -61,3 +61,23 @@ def test_peer_runs_one_checkpoint_in_both_engines_and_gives_the_ratio(tmp_path):
     assert all(float(r[3].split()[0].replace(',', '')) > 0 and '2 rounds' in r[4] for r in rows)
     run = subprocess.run(cmd[:-1] + [f'--peer_bin={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(f'error: no llama.cpp tools in {tmp_path}')
+
+
+@needs_tokenizer
+def test_peer_takes_a_configs_shape_and_int8_against_q8_0():
+    import pytest
+    from test_gguf import LLAMA_CPP_BIN, needs_llama_cpp
+    if needs_llama_cpp.args[0]:
+        pytest.skip(needs_llama_cpp.kwargs['reason'])
+    cmd = [sys.executable, 'bench.py', '--parts=peer', '--peer_model=config', '--config_file=config/nano.py', '--dtypes=int8',
+           '--peer_tokens=8', '--peer_long_tokens=0', '--peer_rounds=1', '--sample_batches=1', '--serve_clients=',
+           '--device=cpu', '--threads=1', f'--peer_bin={LLAMA_CPP_BIN}']
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [line.split(' | ') for line in run.stdout.splitlines() if line.startswith('| peer')]
+    # one story, no slide and no servers: one row, of random weights of the config's shape in int8
+    assert len(rows) == 1 and rows[0][1] == "int8 sample.py eager against llama.cpp, config/nano.py's shape", rows
+    assert float(rows[0][3].split()[0].replace(',', '')) > 0 and "x llama.cpp's " in rows[0][4]
+    assert "'n_layer': 4" in run.stdout
+    run = subprocess.run(cmd[:3] + ['--dtypes=int8', '--parts=sample,peer'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and 'int8 is for --parts=peer only' in run.stderr.splitlines()[-1]
