@@ -356,9 +356,10 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
         return done
 
     def ours(dtype, b, use_compile, new_tokens=peer_tokens, slide='reread'):
+        weights, int8 = precision(dtype)
         done = run(sys.executable, 'sample.py', f'--out_dir={model_dir}', '--start=Once upon a time', f'--num_samples={b}',
-                   f'--max_new_tokens={new_tokens}', '--stop_at_eot=False', *weights(dtype), f'--device={device}',
-                   f'--compile={use_compile}', f'--threads={n_threads}', f'--slide={slide}')
+                   f'--max_new_tokens={new_tokens}', '--stop_at_eot=False', f'--dtype={weights}', f'--int8={int8}',
+                   f'--device={device}', f'--compile={use_compile}', f'--threads={n_threads}', f'--slide={slide}')
         return float(re.findall(r'([\d.]+) tokens/s', done.stderr)[-1])
 
     def theirs(path, b, tries=3):  # llama-bench for one story, llama-batched-bench for several (its generation speed)
@@ -378,7 +379,7 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
     spread = lambda xs: f"{statistics.median(xs):,.0f} ({min(xs):,.0f}-{max(xs):,.0f})"
     ways = ('eager', 'compiled') if compile else ('eager',)
     # int8: sample.py's int8 weights (activations in dtype=auto's type) against llama.cpp's q8_0
-    weights = lambda dtype: ('--dtype=auto', '--int8=True') if dtype == 'int8' else (f'--dtype={dtype}',)
+    precision = lambda dtype: ('auto', True) if dtype == 'int8' else (dtype, False)  # (dtype, int8) of ours
     gguf_types = {'float32': 'f32', 'bfloat16': 'bf16', 'float16': 'f16', 'int8': 'q8_0'}
     if set(dtypes.split(',')) - set(gguf_types):
         die(f"dtypes: peer takes {', '.join(gguf_types)}, got {dtypes!r}")
@@ -408,16 +409,18 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
                                 ('peer', f"{dtype} sample.py {way} past the window, slide={slide}, {label}", f"batch {b}",
                                  spread(speeds[way, slide]), f"{statistics.median(speeds[way, slide]) / within:.2f}x within it; "
                                  f"{peer_long_tokens} new tokens, {rounds}"))
+            if not serve_clients:
+                continue
             # the servers: llama-server with as many slots as serve.py's rows, each client streaming serve_tokens
             speeds = {'llama-server': [], 'eager': [], 'compiled': []}
-            for _ in range(peer_rounds if serve_clients else 0):
+            for _ in range(peer_rounds):
                 port = free_port()
                 speeds['llama-server'].append(server_load(
                     [os.path.join(tools, 'llama-server'), '-m', path, '-t', n_threads, '-np', str(serve_batch),
                      '-c', str(serve_batch * (serve_tokens + 16)), '--port', str(port), '--host', '127.0.0.1'], port))
                 for way in ('eager', 'compiled') if compile else ('eager',):
-                    speeds[way].append(server_load(*serve_py(model_dir, way == 'compiled', 'auto' if dtype == 'int8' else dtype, dtype == 'int8')))
-            for n in (int(c) for c in serve_clients.split(',') if c):
+                    speeds[way].append(server_load(*serve_py(model_dir, way == 'compiled', *precision(dtype))))
+            for n in (int(c) for c in serve_clients.split(',')):
                 peer = [r[n][0] for r in speeds['llama-server']]
                 for way in ('eager', 'compiled') if compile else ('eager',):
                     ours_n = [r[n][0] for r in speeds[way]]
