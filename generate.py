@@ -209,8 +209,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
         return torch.argmax(logits, dim=-1, keepdim=True)
     u = torch.rand(logits.size(0), 1, device=logits.device, generator=generator) if u is None else u
     # top_k alone keeps the tokens at or above its floor and samples them in the vocabulary's order:
-    # compiled, the rest masked (no sort: top_k_floor, or top_k_chunks' candidates); eagerly, those tokens
-    # alone (top_k_sample).
+    # compiled, the rest masked (no sort of the logits: top_k_floor, or top_k_groups' candidates); eagerly,
+    # those tokens alone (top_k_sample).
     # top_p works on the likeliest tokens sorted, and the pick maps back to its id
     ids = None
     if top_k is not None and top_k < logits.size(-1):
@@ -218,8 +218,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
             logits, ids = torch.topk(logits, top_k)
         elif not torch.compiler.is_compiling():
             return top_k_sample(logits, top_k, temperature, u)
-        elif isinstance(top_k, int) and logits.size(-1) >= 4 * CHUNK * top_k:
-            return top_k_chunks(logits, top_k, temperature, u)
+        elif isinstance(top_k, int) and logits.size(-1) >= 4 * GROUP * top_k:
+            return top_k_groups(logits, top_k, temperature, u)
         else:
             logits = logits.masked_fill(logits < top_k_floor(logits, top_k), float('-inf'))
     elif top_p is not None and top_p < 1.0:
@@ -255,20 +255,20 @@ def top_k_sample(logits, k, temperature, u):
     return ids.gather(1, inverse_cdf(probs, u, kept - 1))
 
 
-def top_k_chunks(logits, k, temperature, u):
-    """Compiled, the pick (B, 1) of top_k k (a number) as the vocabulary masked and sampled would make it,
-    read from the 2k groups of CHUNK logits (every n-th token from one) whose maxima are the largest, and the
-    last vocab % CHUNK tokens. They hold every logit above the 2k-th largest group maximum, which the k-th
-    largest logit cannot be below (2k groups each hold one at or above it). So their own k-th largest is the
-    floor, and they hold every kept token but ties at the floor in other groups; where a row has one, all
-    rows take the whole vocabulary (torch.cond). Over a 50,257-token vocabulary the 32 counts of
-    top_k_floor, the softmax and the running sum took ~0.45 ms of a ~3 ms step (config/small.py's shape,
-    int8, AVX2); 6,401 candidates cost a fraction."""
+def top_k_groups(logits, k, temperature, u):
+    """Compiled, the pick (B, 1) of top_k k (a number) as the vocabulary masked and sampled would make it, read
+    from the 2k groups of GROUP tokens (every n-th token, from one of the first n) whose largest logits are the
+    largest, and the last vocab % GROUP tokens, which no group holds. These hold every logit above the 2k-th
+    largest group maximum, which the k-th largest logit cannot be below (2k groups each hold one at or above
+    it). So their own k-th largest is the floor, and they hold every kept token but ties at the floor in other
+    groups; where a row has one, all rows take the whole vocabulary (torch.cond). Over a 50,257-token
+    vocabulary the 32 counts of top_k_floor, the softmax and the running sum took ~0.45 ms of a ~3 ms step
+    (config/small.py's shape, int8, AVX2); 6,401 candidates cost a fraction."""
     rows, vocab = logits.shape
-    n = vocab // CHUNK
-    best = torch.topk(logits[:, :n * CHUNK].view(rows, CHUNK, n).amax(1), 2 * k, sorted=False).indices.sort(dim=-1).values
-    ids = torch.cat([(torch.arange(CHUNK, device=logits.device)[:, None] * n + best[:, None, :]).flatten(1),
-                     torch.arange(n * CHUNK, vocab, device=logits.device).expand(rows, -1)], dim=1)  # in the vocabulary's order
+    n = vocab // GROUP
+    best = torch.topk(logits[:, :n * GROUP].view(rows, GROUP, n).amax(1), 2 * k, sorted=False).indices.sort(dim=-1).values
+    ids = torch.cat([(torch.arange(GROUP, device=logits.device)[:, None] * n + best[:, None, :]).flatten(1),
+                     torch.arange(n * GROUP, vocab, device=logits.device).expand(rows, -1)], dim=1)  # in the vocabulary's order
     candidates = logits.gather(1, ids)
     # torch.topk, not top_k_floor: inductor reads the gather anew in each of its 32 counts, slower than the whole vocabulary
     floor = torch.topk(candidates, k, sorted=False).values.amin(-1, keepdim=True)
@@ -277,17 +277,14 @@ def top_k_chunks(logits, k, temperature, u):
     pick = inverse_cdf(probs, u, probs.size(-1))  # past the end: where the whole vocabulary's search ends, its last id
     picked = torch.where(pick < ids.size(1), ids.gather(1, pick.clamp(max=ids.size(1) - 1)), vocab - 1)
     missed = ((logits >= floor).sum(-1) != (kept > float('-inf')).sum(-1)).any()
-    return torch.cond(missed, lambda logits, floor, u, picked: vocabulary_pick(logits.masked_fill(logits < floor, float('-inf')), temperature, u),
-                      lambda logits, floor, u, picked: picked.clone(), (logits, floor, u, picked))
+
+    def whole(logits, floor, u, picked):
+        probs = F.softmax((logits.masked_fill(logits < floor, float('-inf')) - logits.amax(-1, keepdim=True)) / temperature, dim=-1)
+        return inverse_cdf(probs, u, probs.size(-1) - 1)
+    return torch.cond(missed, whole, lambda logits, floor, u, picked: picked.clone(), (logits, floor, u, picked))
 
 
-def vocabulary_pick(logits, temperature, u):
-    """The pick (B, 1) with u (B, 1) from the softmax of logits (B, vocab) at temperature, in the vocabulary's order."""
-    probs = F.softmax((logits - logits.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
-    return inverse_cdf(probs, u, probs.size(-1) - 1)
-
-
-CHUNK = 16  # top_k_chunks' chunk of logits; it takes vocabularies of 4 * CHUNK * top_k tokens and more
+GROUP = 16  # the tokens in each of top_k_groups' groups; it takes vocabularies of 4 * GROUP * top_k tokens and more
 
 
 def top_k_floor(logits, k):

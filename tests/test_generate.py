@@ -10,7 +10,7 @@ import generate as generate_module
 from batching import Batcher
 from compiled import KEEP, tidy
 from conftest import tiny, train_step
-from generate import KVCache, Prefill, generate, sample_logits, shift_window, stream, top_k_chunks, top_k_floor, top_k_sample
+from generate import KVCache, Prefill, generate, sample_logits, shift_window, stream, top_k_groups, top_k_floor, top_k_sample
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
 from rows import TOP_K, Rows, sample_rows
@@ -207,7 +207,7 @@ def test_top_k_sample_is_the_masked_vocabulary_sampled():
         assert (logits.gather(1, picks) >= floor).all()
 
 
-def test_top_k_chunks_pick_as_the_masked_vocabulary_eagerly_and_compiled():
+def test_top_k_groups_pick_as_the_masked_vocabulary_eagerly_and_compiled():
     """Over a large vocabulary a compiled step picks from the likeliest groups' tokens alone: the same pick
     for the same draw as the whole vocabulary masked, also where a tie at the floor lies in another group
     (the whole vocabulary then) or a row holds fewer than k finite logits."""
@@ -220,16 +220,16 @@ def test_top_k_chunks_pick_as_the_masked_vocabulary_eagerly_and_compiled():
         return torch.searchsorted(probs.cumsum(-1), u * probs.sum(-1, keepdim=True), right=True).clamp(max=vocab - 1)
     logits, u = (torch.randn(32, vocab) * 3).bfloat16().float(), torch.rand(32, 1)  # bf16's steps: ties
     logits[2, 5:] = float('-inf')
-    assert torch.equal(top_k_chunks(logits, k, 0.7, u), masked(logits, u))
+    assert torch.equal(top_k_groups(logits, k, 0.7, u), masked(logits, u))
     compiled = torch.compile(lambda logits, u: sample_logits(logits, 0.7, top_k=k, u=u), fullgraph=True, dynamic=False)
-    assert torch.equal(compiled(logits, u), masked(logits, u))  # through top_k_chunks: the vocabulary is 4 * 16 * k and more
+    assert torch.equal(compiled(logits, u), masked(logits, u))  # through top_k_groups: the vocabulary is 4 * 16 * k and more
     assert torch.equal(top_k_sample(logits, k, 0.7, u), masked(logits, u))
     # 17 groups' maxima (every 32nd token is a group's) tie at the floor, one more than the 2k groups read: a draw
     # for each tied token picks it
     ties = torch.full((34, vocab), -10.0)
     ties[:, :17] = 5.0
     u = (torch.arange(34.0)[:, None] + 0.5) / 34
-    assert top_k_chunks(ties, k, 0.7, u).unique().tolist() == list(range(17))
+    assert top_k_groups(ties, k, 0.7, u).unique().tolist() == list(range(17))
 
 
 def test_repetition_penalty_discourages_seen_tokens():
