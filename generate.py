@@ -256,20 +256,13 @@ def top_k_sample(logits, k, temperature, u):
 
 
 def top_k_groups(logits, k, temperature, u):
-    """Compiled, the pick (B, 1) of top_k k (a number) as the vocabulary masked and sampled would make it, read
-    from the 2k groups of GROUP tokens (every n-th token, from one of the first n) whose largest logits are the
-    largest, and the last vocab % GROUP tokens, which no group holds. These hold every logit above the 2k-th
-    largest group maximum, which the k-th largest logit cannot be below (2k groups each hold one at or above
-    it). So their own k-th largest is the floor, and they hold every kept token but ties at the floor in other
-    groups; where a row has one, all rows take the whole vocabulary (torch.cond). Over a 50,257-token
-    vocabulary the 32 counts of top_k_floor, the softmax and the running sum took ~0.45 ms of a ~3 ms step
-    (config/small.py's shape, int8, AVX2); 6,401 candidates cost a fraction."""
-    rows, vocab = logits.shape
-    n = vocab // GROUP
-    best = torch.topk(logits[:, :n * GROUP].view(rows, GROUP, n).amax(1), 2 * k, sorted=False).indices.sort(dim=-1).values
-    ids = torch.cat([(torch.arange(GROUP, device=logits.device)[:, None] * n + best[:, None, :]).flatten(1),
-                     torch.arange(n * GROUP, vocab, device=logits.device).expand(rows, -1)], dim=1)  # in the vocabulary's order
-    candidates = logits.gather(1, ids)
+    """Compiled, the pick (B, 1) of top_k k (a number) as the vocabulary masked and sampled would make it, from
+    likeliest_groups' tokens alone: they hold the floor (their own k-th largest logit) and every kept token
+    but ties at the floor in other groups; where a row has one, all rows take the whole vocabulary
+    (torch.cond). Over a 50,257-token vocabulary the 32 counts of top_k_floor, the softmax and the running
+    sum took ~0.45 ms of a ~3 ms step (config/small.py's shape, int8, AVX2); 6,401 candidates cost a fraction."""
+    vocab = logits.size(-1)
+    ids, candidates = likeliest_groups(logits, k)
     # torch.topk, not top_k_floor: inductor reads the gather anew in each of its 32 counts, slower than the whole vocabulary
     floor = torch.topk(candidates, k, sorted=False).values.amin(-1, keepdim=True)
     kept = candidates.masked_fill(candidates < floor, float('-inf'))
@@ -284,18 +277,36 @@ def top_k_groups(logits, k, temperature, u):
     return torch.cond(missed, whole, lambda logits, floor, u, picked: picked.clone(), (logits, floor, u, picked))
 
 
-GROUP = 16  # the tokens in each of top_k_groups' groups; it takes vocabularies of 4 * GROUP * top_k tokens and more
+def likeliest_groups(logits, k):
+    """The ids (B, C), in the vocabulary's order, and logits (B, C) of the tokens in the 2k groups of GROUP
+    (every n-th token, from one of the first n) whose largest logits are the largest, and of the last vocab %
+    GROUP, which no group holds: every logit above the 2k-th largest group maximum, which each row's k-th
+    largest logit, and any before it, cannot be below (2k groups each hold one at or above it). So their own
+    j-th largest is the row's, for every j up to k."""
+    rows, vocab = logits.shape
+    n = vocab // GROUP
+    best = torch.topk(logits[:, :n * GROUP].view(rows, GROUP, n).amax(1), 2 * k, sorted=False).indices.sort(dim=-1).values
+    ids = torch.cat([(torch.arange(GROUP, device=logits.device)[:, None] * n + best[:, None, :]).flatten(1),
+                     torch.arange(n * GROUP, vocab, device=logits.device).expand(rows, -1)], dim=1)
+    return ids, logits.gather(1, ids)
 
 
-def top_k_floor(logits, k):
+GROUP = 16  # the tokens in each of likeliest_groups' groups; they serve vocabularies of 4 * GROUP * k tokens and more
+
+
+def top_k_floor(logits, k, most=None):
     """Each row's k-th largest logit (B, 1), k a number or (B, 1) with 0 for none (-inf), without a sort,
     for a compiled step: the tokens at or above it are top_k's (ties at the floor kept, as nanoGPT keeps
-    them). Found bit by bit in the integers that order floats as they compare, each bit one vectorised
+    them). Given most, k's largest, over a vocabulary of 4 * GROUP * most tokens and more, it is read from
+    likeliest_groups' logits (torch.topk), as rows.sample_rows does with TOP_K. Otherwise found bit by bit in the integers that order floats as they compare, each bit one vectorised
     count of the row: torch.topk took ~40 us a row of run.sh's model's logits, ~3x what it takes on
     random ones (its selection's time depends on the values), and it is serial across rows (eight:
     ~250 us). Eagerly, 32 counts are slower than torch.topk: top_k_sample."""
     rows, vocab = logits.size(0), logits.size(-1)
     k = torch.full((rows, 1), k, device=logits.device) if isinstance(k, int) else k
+    if most is not None and vocab >= 4 * GROUP * most:
+        largest = torch.topk(likeliest_groups(logits, most)[1], most).values
+        return torch.where(k > 0, largest.gather(1, (k - 1).clamp(min=0)), float('-inf'))
     need = torch.where(k > 0, k, vocab)  # the logits each row's floor must keep
     as_float = lambda t: torch.where(t < 0, t ^ 0x7fffffff, t).view(torch.float32)  # the integer order, back to floats
     enough = lambda t: (logits >= as_float(t)).sum(-1, keepdim=True, dtype=torch.int32) >= need

@@ -46,7 +46,7 @@ def sample_rows(logits, temperature, u, top_k, top_p):
     floored = (top_k > 0) & ~sorted_rows
     compiled, kept = torch.compiler.is_compiling(), logits
     if compiled:  # the floor's 32 counts only in steps where a row has top_k alone
-        kept = torch.cond(floored.any(), lambda x, k: x.masked_fill(x < top_k_floor(x, k), float('-inf')),
+        kept = torch.cond(floored.any(), lambda x, k: x.masked_fill(x < top_k_floor(x, k, TOP_K), float('-inf')),
                           lambda x, k: x.clone(), (logits, torch.where(floored, top_k, 0)))
     probs = F.softmax((kept - kept.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     pick = inverse_cdf(probs, u, probs.size(-1) - 1)

@@ -190,6 +190,14 @@ def test_top_k_floor_is_torch_topk_kth_value():
         assert torch.equal(got, torch.where(ks > 0, kth, float('-inf'))), k  # -0.0 == 0.0
         if isinstance(k, torch.Tensor) or k == 7:  # compiled too (a graph each: ~10 s)
             assert torch.equal(floor(logits, k), got), k
+    # given k's largest, over a vocabulary of 64 times it, from the likeliest groups' logits
+    logits = (torch.randn(6, 4 * 16 * 8 + 3) * 4).bfloat16().float()
+    logits[1, :17] = 9.0  # more tied group maxima than the groups read
+    logits[2, 5:] = float('-inf')
+    for k in (1, 8, torch.tensor([[0], [8], [8], [1], [5], [3]])):
+        ks = torch.full((6, 1), k) if isinstance(k, int) else k
+        kth = torch.topk(logits, 8).values.gather(1, (ks - 1).clamp(min=0))
+        assert torch.equal(top_k_floor(logits, k, 8), torch.where(ks > 0, kth, float('-inf'))), k
 
 
 def test_top_k_sample_is_the_masked_vocabulary_sampled():

@@ -119,7 +119,9 @@ def test_a_setting_out_of_range_stops_before_any_work(arg, rule, tmp_path, monke
     with pytest.raises(SystemExit) as e:
         runpy.run_path(os.path.join(ROOT, 'train.py'), run_name='__main__')
     assert str(e.value).startswith('error: ') and '\n' not in str(e.value) and rule in str(e.value)
-    assert time.time() - t0 < 2 and os.listdir(tmp_path) == []
+    # no data read (there is none: its error would be another), no files, and no model built: a 2-core machine
+    # busy with other work took 2.1 s for the first case, which pays train.py's imports
+    assert time.time() - t0 < 6 and os.listdir(tmp_path) == []
 
 
 def test_settings_out_of_range_on_the_command_line(tmp_path):
