@@ -218,8 +218,8 @@ def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=Non
             logits, ids = torch.topk(logits, top_k)
         elif not torch.compiler.is_compiling():
             return top_k_sample(logits, top_k, temperature, u)
-        elif isinstance(top_k, int) and logits.size(-1) >= 4 * GROUP * top_k:
-            return top_k_groups(logits, top_k, temperature, u)
+        elif isinstance(top_k, int) and logits.size(-1) >= 4 * GROUP * top_k and logits.device.type == 'cpu':
+            return top_k_groups(logits, top_k, temperature, u)  # measured on the CPU; a GPU's step keeps no torch.cond
         else:
             logits = logits.masked_fill(logits < top_k_floor(logits, top_k), float('-inf'))
     elif top_p is not None and top_p < 1.0:
