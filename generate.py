@@ -298,10 +298,11 @@ def top_k_floor(logits, k, most=None):
     """Each row's k-th largest logit (B, 1), k a number or (B, 1) with 0 for none (-inf), without a sort,
     for a compiled step: the tokens at or above it are top_k's (ties at the floor kept, as nanoGPT keeps
     them). Given most, k's largest, over a vocabulary of 4 * GROUP * most tokens and more, it is read from
-    likeliest_groups' logits (torch.topk), as rows.sample_rows does with TOP_K. Otherwise found bit by bit in the integers that order floats as they compare, each bit one vectorised
-    count of the row: torch.topk took ~40 us a row of run.sh's model's logits, ~3x what it takes on
-    random ones (its selection's time depends on the values), and it is serial across rows (eight:
-    ~250 us). Eagerly, 32 counts are slower than torch.topk: top_k_sample."""
+    likeliest_groups' logits (torch.topk), as rows.sample_rows does with TOP_K. Otherwise found bit by bit
+    in the integers that order floats as they compare, each bit one vectorised count of the row: torch.topk
+    took ~40 us a row of run.sh's model's logits, ~3x what it takes on random ones (its selection's time
+    depends on the values), and it is serial across rows (eight: ~250 us). Eagerly, 32 counts are slower
+    than torch.topk: top_k_sample."""
     rows, vocab = logits.size(0), logits.size(-1)
     k = torch.full((rows, 1), k, device=logits.device) if isinstance(k, int) else k
     if most is not None and vocab >= 4 * GROUP * most:

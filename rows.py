@@ -45,7 +45,7 @@ def sample_rows(logits, temperature, u, top_k, top_p):
     sorted_rows = (top_k > 0) & (top_p < float('inf'))
     floored = (top_k > 0) & ~sorted_rows
     compiled, kept = torch.compiler.is_compiling(), logits
-    if compiled:  # the floor's 32 counts only in steps where a row has top_k alone
+    if compiled:  # the floor (top_k_floor) only in steps where a row has top_k alone
         kept = torch.cond(floored.any(), lambda x, k: x.masked_fill(x < top_k_floor(x, k, TOP_K), float('-inf')),
                           lambda x, k: x.clone(), (logits, torch.where(floored, top_k, 0)))
     probs = F.softmax((kept - kept.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
