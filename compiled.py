@@ -16,6 +16,7 @@ import weakref
 import torch
 
 import layouts
+import sampling
 from common import atomic_output, log
 
 
@@ -49,7 +50,7 @@ def package_name(module, args, weights, lengths, settings):
     torch, the CPU and the threads it runs on)."""
     rest = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(),
                                 module.options, [(a.shape, a.stride(), a.dtype) for a in args], lengths, settings)).encode())
-    for source in (sys.modules[type(module.model).__module__], layouts, sys.modules[type(module).__module__]):
+    for source in (sys.modules[type(module.model).__module__], layouts, sampling, sys.modules[type(module).__module__]):
         with open(source.__file__, 'rb') as f:
             rest.update(f.read())
     kind = 'int8' if any(t.dtype == torch.int8 for t in module.state_dict().values()) else \

@@ -12,8 +12,8 @@ import torch
 from torch.nn import functional as F
 
 from compiled import aot_compiled
-from generate import (GREEDY, KVCache, Prefill, RowCache, check_options, inverse_cdf, sample_logits, shift_window,
-                      span_for, span_made, top_k_floor, top_k_sample, top_p_kept, window_shift_for)
+from generate import KVCache, Prefill, RowCache, check_options, shift_window, span_for, span_made, window_shift_for
+from sampling import GREEDY, inverse_cdf, sample_logits, top_k_floor, top_k_sample, top_p_kept
 
 
 class Logits(torch.nn.Module):

@@ -10,7 +10,8 @@ import generate as generate_module
 from batching import Batcher
 from compiled import KEEP, tidy
 from conftest import tiny, train_step
-from generate import KVCache, Prefill, generate, sample_logits, shift_window, stream, top_k_groups, top_k_floor, top_k_sample
+from generate import KVCache, Prefill, generate, shift_window, stream
+from sampling import sample_logits, top_k_floor, top_k_groups, top_k_sample
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
 from rows import TOP_K, Rows, sample_rows

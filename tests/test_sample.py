@@ -212,7 +212,7 @@ def test_sampling_options_reach_the_model(random_dir):
 def test_tiny_temperature_is_greedy(temperature):
     """Dividing by a temperature this small overflows float32 logits (inf - inf = NaN, and every
     token became the last id, <|endoftext|>); in the limit it is greedy."""
-    from generate import sample_logits
+    from sampling import sample_logits
     logits = torch.randn(64, 50257, generator=torch.Generator().manual_seed(0)) * 10
     assert torch.equal(sample_logits(logits.clone(), temperature), logits.argmax(-1, keepdim=True))
     assert torch.equal(sample_logits(logits.clone(), temperature, top_k=5, top_p=0.9), logits.argmax(-1, keepdim=True))

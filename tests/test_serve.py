@@ -326,7 +326,7 @@ def test_head(server):
 
 def test_tiny_top_p_is_greedy(server):
     """A top_p that rounds to 0 in float32 keeps the likeliest token, not the least likely."""
-    from generate import sample_logits
+    from sampling import sample_logits
     logits = torch.randn(3, 1000)
     assert torch.equal(sample_logits(logits, top_p=1e-46), logits.argmax(-1, keepdim=True))
     options = dict(model='m', prompt='Once', max_tokens=5)
