@@ -21,7 +21,8 @@ import torch
 from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from common import autocast, checkpoint_path, compile_for_training, die, get_device, keep_freed_memory, set_threads
+from common import (autocast, checkpoint_path, compile_for_training, die, get_device, keep_freed_memory, load_checkpoint,
+                    set_threads)
 from generate import generate
 from layouts import use_fast_linears
 from model import GPT, GPTConfig
@@ -387,7 +388,7 @@ if 'peer' in parts:  # the same checkpoint in llama.cpp and in sample.py, altern
         model_dir = random_checkpoint(folder) if peer_model == 'config' else peer_model
         label = f"{config_file}'s shape" if peer_model == 'config' else peer_model
         # slide='shift' turns keys back by rotary angles: a model with learned positions only re-reads
-        rotary = torch.load(checkpoint_path(model_dir, 'best'), map_location='cpu', weights_only=True)['model_args'].get('pos_emb') == 'rope'
+        rotary = load_checkpoint(checkpoint_path(model_dir, 'best'), mmap=True)['model_args'].get('pos_emb') == 'rope'
         slides = ('reread', 'shift') if rotary else ('reread',)
         for dtype in dtypes.split(','):
             path = os.path.join(folder, f'{dtype}.gguf')

@@ -61,6 +61,10 @@ def test_peer_runs_one_checkpoint_in_both_engines_and_gives_the_ratio(tmp_path):
     assert all(float(r[3].split()[0].replace(',', '')) > 0 and '2 rounds' in r[4] for r in rows)
     run = subprocess.run(cmd[:-1] + [f'--peer_bin={tmp_path}'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(f'error: no llama.cpp tools in {tmp_path}')
+    (tmp_path / 'other').mkdir()  # a folder whose best.pt is no checkpoint: one line that says so
+    (tmp_path / 'other' / 'best.pt').write_text('left by a user')
+    run = subprocess.run(cmd[:3] + [f"--peer_model={tmp_path / 'other'}"] + cmd[4:], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(f"error: cannot read checkpoint {tmp_path / 'other' / 'best.pt'}: ")
 
 
 @needs_tokenizer
