@@ -15,6 +15,10 @@ from torch.nn import functional as F
 
 ONEDNN_X86 = torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
 ONEDNN_X86_BF16 = ONEDNN_X86 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+# Without oneDNN's bf16 kernels (an AVX2 CPU), aten's bf16 GEMM ran 95 rows through run.sh's model's products at
+# 7-10 GFLOP/s, float32's at 56-90 (2 cores): a bf16 product of more rows than this runs in float32, its weight
+# widened (a float32 copy), its result rounded back. At fewer rows (decoding steps) the weights' bytes rule.
+BF16_ROWS = 8
 
 
 def fast_layout(w, rows, dtype):
@@ -46,10 +50,24 @@ def lay_out(w, layout):
     return wt.view(in_features, blocks, width).transpose(0, 1).contiguous()
 
 
+def product(x, copy, bias, layout, out_features):
+    """x times the weight laid out by lay_out (copy), plus bias."""
+    if layout == 'packed':
+        return torch.ops.mkldnn._linear_pointwise(x, copy, bias, 'none', [], '')
+    x2 = x.reshape(-1, x.size(-1))
+    if layout == 'transposed':
+        y = torch.mm(x2, copy) if bias is None else torch.addmm(bias, x2, copy)
+    else:  # 'columns': one matmul per column block, run in parallel as a batch
+        y = torch.bmm(x2.expand(len(copy), -1, -1), copy).transpose(0, 1).reshape(len(x2), -1)[:, :out_features]
+        y = y if bias is None else y + bias
+    return y.view(*x.shape[:-1], -1)
+
+
 class FastLinear(nn.Linear):
     """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight in fast_layout's
-    layout, made on first use in the dtype the product runs in (autocast's, else the weight's). A
-    copy is kept for each layout used, up to twice the weights' memory: a prompt's read and the steps
+    layout, made on first use in the dtype the product runs in (autocast's, else the weight's; float32 for a
+    bf16 product of more than BF16_ROWS rows without oneDNN's bf16 kernels). A
+    copy is kept for each layout used, up to twice the weights' memory (three times that case's): a prompt's read and the steps
     after it take different ones, and laying out run.sh's model again took ~25 ms (oneDNN's reorder,
     ~1 ms a matrix), several eager steps. The copies are dropped when the weight changes and by
     train(). Its parameters, state_dict and weight tying are those of the nn.Linear it replaced."""
@@ -59,30 +77,30 @@ class FastLinear(nn.Linear):
 
     def forward(self, x):
         w = self.weight
-        # under torch.compile the compiler lays the weights out itself (and the checks below would break its graph)
-        if self.training or torch.is_grad_enabled() or w.device.type != 'cpu' or torch.compiler.is_compiling():
+        if self.training or torch.is_grad_enabled() or w.device.type != 'cpu':
             return F.linear(x, w, self.bias)
         dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else w.dtype
-        layout = fast_layout(w, x.numel() // x.size(-1), dtype)
+        rows = x.numel() // x.size(-1)  # symbolic (not an int) in a prompt's read compiled for any length
+        wide = dtype == torch.bfloat16 and not ONEDNN_X86_BF16 and not (isinstance(rows, int) and rows <= BF16_ROWS)
+        if torch.compiler.is_compiling():  # the compiler lays the weights out itself (the checks below would break its graph)
+            if wide:  # with the weights frozen, the compiler keeps their float32 copy
+                return F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float()).to(dtype)
+            return F.linear(x, w, self.bias)
+        run = torch.float32 if wide else dtype  # the dtype the product runs in
+        layout = fast_layout(w, rows, run)
         if layout is None:
             return F.linear(x, w, self.bias)
         version = None if w.is_inference() else w._version  # a weight made in inference mode keeps no version
         if self.source is None or self.source.data_ptr() != w.data_ptr() or self.version != version:
             self.source, self.version, self.laid_out = w.detach(), version, {}
-        copy = self.laid_out.get((layout, dtype))
+        copy = self.laid_out.get((layout, run))
         if copy is None:
-            copy = self.laid_out[layout, dtype] = lay_out(self.source.to(dtype), layout)
-        x = x if x.dtype == dtype else x.to(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        if layout == 'packed':
-            return torch.ops.mkldnn._linear_pointwise(x, copy, bias, 'none', [], '')
-        x2 = x.reshape(-1, x.size(-1))
-        if layout == 'transposed':
-            y = torch.mm(x2, copy) if bias is None else torch.addmm(bias, x2, copy)
-        else:  # 'columns': one matmul per column block, run in parallel as a batch
-            y = torch.bmm(x2.expand(len(copy), -1, -1), copy).transpose(0, 1).reshape(len(x2), -1)[:, :len(w)]
-            y = y if bias is None else y + bias
-        return y.view(*x.shape[:-1], -1)
+            copy = self.laid_out[layout, run] = lay_out(self.source.to(run), layout)
+        x, bias = x if x.dtype == run else x.to(run), None if self.bias is None else self.bias.to(run)
+        if wide:
+            with torch.autocast('cpu', enabled=False):  # autocast would take torch.mm back to bf16
+                return product(x, copy, bias, layout, len(w)).to(dtype)
+        return product(x, copy, bias, layout, len(w))
 
     def train(self, mode=True):
         self.source = self.version = self.laid_out = None

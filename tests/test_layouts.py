@@ -116,6 +116,30 @@ def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
 
 
+def test_bf16_products_of_many_rows_run_in_float32_without_bf16_kernels(monkeypatch):
+    """Without oneDNN's bf16 kernels, a bf16 product of more than BF16_ROWS rows is float32's, rounded:
+    eagerly (a float32 copy of the weight, under autocast too) and compiled for any prompt length; fewer rows stay bf16."""
+    import layouts
+    monkeypatch.setattr(layouts, 'ONEDNN_X86_BF16', False)
+    torch.manual_seed(0)
+    layer = FastLinear(64, 96).eval().to(torch.bfloat16)
+    wide, narrow = torch.randn(2, 5, 64).bfloat16(), torch.randn(layouts.BF16_ROWS, 64).bfloat16()
+    in_float32 = lambda x, layer: torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16()
+    with torch.no_grad():
+        y = layer(wide)
+        assert y.dtype == torch.bfloat16 and [d for _, d in layer.laid_out] == [torch.float32]
+        torch.testing.assert_close(y, in_float32(wide, layer), atol=1e-2, rtol=0)  # the float32 sum, rounded once
+        assert torch.equal(layer(narrow), torch.nn.functional.linear(narrow, layer.weight, layer.bias))
+        program = torch.export.export(layer, (wide,), dynamic_shapes=({1: torch.export.Dim('T', min=2, max=64)},), strict=False)
+    with torch.no_grad():
+        assert torch.equal(program.module()(wide[:, :3]), in_float32(wide[:, :3], layer))
+    f32 = FastLinear(64, 96).eval()
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        y = f32(wide.float())
+    assert y.dtype == torch.bfloat16 and [d for _, d in f32.laid_out] == [torch.float32]
+    torch.testing.assert_close(y, in_float32(wide, f32), atol=1e-2, rtol=0)
+
+
 def test_swapped_layers_keep_the_parameters_state_dict_and_tying():
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
