@@ -15,9 +15,10 @@ from torch.nn import functional as F
 
 ONEDNN_X86 = torch.backends.mkldnn.is_available() and torch.backends.cpu.get_cpu_capability() in ('AVX2', 'AVX512')
 ONEDNN_X86_BF16 = ONEDNN_X86 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-# Without oneDNN's bf16 kernels (an AVX2 CPU), aten's bf16 GEMM ran 95 rows through run.sh's model's products at
-# 7-10 GFLOP/s, float32's at 56-90 (2 cores): a bf16 product of more rows than this runs in float32, its weight
-# widened (a float32 copy), its result rounded back. At fewer rows (decoding steps) the weights' bytes rule.
+# On an x86 CPU without oneDNN's bf16 kernels (AVX2 alone), aten's bf16 GEMM ran 95 rows through run.sh's
+# model's products at 7-10 GFLOP/s, float32's at 56-90 (2 cores): a bf16 product of more rows than this runs in
+# float32, its weight widened (a float32 copy), its result rounded back. At fewer rows (decoding steps) the
+# weights' bytes rule.
 BF16_ROWS = 8
 
 
@@ -65,12 +66,13 @@ def product(x, copy, bias, layout, out_features):
 
 class FastLinear(nn.Linear):
     """nn.Linear that, in inference on the CPU, multiplies by a copy of its weight in fast_layout's
-    layout, made on first use in the dtype the product runs in (autocast's, else the weight's; float32 for a
-    bf16 product of more than BF16_ROWS rows without oneDNN's bf16 kernels). A
-    copy is kept for each layout used, up to twice the weights' memory (three times that case's): a prompt's read and the steps
-    after it take different ones, and laying out run.sh's model again took ~25 ms (oneDNN's reorder,
-    ~1 ms a matrix), several eager steps. The copies are dropped when the weight changes and by
-    train(). Its parameters, state_dict and weight tying are those of the nn.Linear it replaced."""
+    layout, made on first use in the dtype the product runs in: autocast's, else the weight's, but
+    float32 for a bf16 product of more than BF16_ROWS rows on an x86 CPU without oneDNN's bf16 kernels.
+    A copy is kept for each layout used, up to twice the weights' memory (three times in that case): a
+    prompt's read and the steps after it take different ones, and laying out run.sh's model again took
+    ~25 ms (oneDNN's reorder, ~1 ms a matrix), several eager steps. The copies are dropped when the
+    weight changes and by train(). Its parameters, state_dict and weight tying are those of the
+    nn.Linear it replaced."""
     source = None  # the weight the copies were made from; held, so that a new weight cannot reuse its address
     version = None  # the weight's version then (an optimizer step or load_state_dict bumps it)
     laid_out = None  # {(layout, dtype): the copy}
@@ -81,8 +83,10 @@ class FastLinear(nn.Linear):
             return F.linear(x, w, self.bias)
         dtype = torch.get_autocast_dtype('cpu') if torch.is_autocast_enabled('cpu') else w.dtype
         rows = x.numel() // x.size(-1)  # symbolic (not an int) in a prompt's read compiled for any length
-        wide = dtype == torch.bfloat16 and not ONEDNN_X86_BF16 and not (isinstance(rows, int) and rows <= BF16_ROWS)
-        if torch.compiler.is_compiling():  # the compiler lays the weights out itself (the checks below would break its graph)
+        wide = (dtype == torch.bfloat16 and ONEDNN_X86 and not ONEDNN_X86_BF16
+                and not (isinstance(rows, int) and rows <= BF16_ROWS))
+        # under torch.compile the compiler lays the weights out itself (and the checks below would break its graph)
+        if torch.compiler.is_compiling():
             if wide:  # with the weights frozen, the compiler keeps their float32 copy
                 return F.linear(x.float(), w.float(), None if self.bias is None else self.bias.float()).to(dtype)
             return F.linear(x, w, self.bias)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import generate as gen
+import layouts
 from conftest import tiny, train_step
 from generate import KVCache, generate
 from layouts import FastLinear, Int8Linear, fast_layout, lay_out, use_fast_linears, use_int8_weights
@@ -116,10 +117,10 @@ def test_fast_path_under_autocast_runs_in_bf16_like_f_linear():
     torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(not layouts.ONEDNN_X86, reason="not an x86 CPU with oneDNN's kernels")
 def test_bf16_products_of_many_rows_run_in_float32_without_bf16_kernels(monkeypatch):
-    """Without oneDNN's bf16 kernels, a bf16 product of more than BF16_ROWS rows is float32's, rounded:
+    """On an x86 CPU without oneDNN's bf16 kernels, a bf16 product of more than BF16_ROWS rows is float32's, rounded:
     eagerly (a float32 copy of the weight, under autocast too) and compiled for any prompt length; fewer rows stay bf16."""
-    import layouts
     monkeypatch.setattr(layouts, 'ONEDNN_X86_BF16', False)
     torch.manual_seed(0)
     layer = FastLinear(64, 96).eval().to(torch.bfloat16)
